@@ -1,0 +1,137 @@
+"""Evaluation: validation loss, retrieval both ways, zero-shot AUROC per label; also a CLI.
+
+`python -m ct_siglip.evaluate --checkpoint RUN/step_00001000.pt --csv_file data.csv --split test`
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .metrics import retrieval_recall, zero_shot_auroc
+
+log = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def compute_embeddings(model, loader, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
+                       *, progress: bool = True) -> dict[str, torch.Tensor]:
+    """Image and text embeddings of a whole split (float32, on the CPU), in data-set order, plus the
+    mean SigLIP loss over the loader's batches (the same batch size as training, so comparable)."""
+    was_training = model.training
+    model.eval()
+    images, texts, indices, losses, sizes = [], [], [], [], []
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+        if "errors" in batch:
+            raise_batch_errors(batch)
+        x = batch["images"].to(device, non_blocking=True)
+        text = {k: v.to(device, non_blocking=True) for k, v in batch["text"].items()}
+        with autocast():
+            img, txt, _ = model(x, text, compute_loss=False)
+        img, txt = img.float(), txt.float()
+        losses.append(float(model.loss_fn(img, txt)))
+        sizes.append(len(img))
+        images.append(img.cpu())
+        texts.append(txt.cpu())
+        indices.append(batch["index"])
+    model.train(was_training)
+    loss = float(np.average(losses, weights=sizes)) if losses else math.nan
+    return {"image": torch.cat(images), "text": torch.cat(texts), "index": torch.cat(indices), "loss": loss}
+
+
+def raise_batch_errors(batch: dict) -> None:
+    from .errors import DataError
+
+    raise DataError(batch["errors"][0])
+
+
+def evaluate_embeddings(emb: dict[str, torch.Tensor], *, labels: dict[str, np.ndarray] | None = None,
+                        encode_text: Callable[[list[str]], torch.Tensor] | None = None,
+                        prefix: str = "val/") -> dict[str, float]:
+    """Metrics under the spec's names: loss, i2t/t2i R@1/5/10 and zero-shot AUROC per label and mean."""
+    out: dict[str, float] = {f"{prefix}loss": emb["loss"]}
+    sim = emb["image"] @ emb["text"].T
+    out.update({f"{prefix}{k}": v for k, v in retrieval_recall(sim, ks=(1, 5, 10)).items()})
+    if labels and encode_text is not None:
+        order = emb["index"].numpy()
+        ordered = {name: np.asarray(values)[order] for name, values in labels.items()}
+        out.update({f"{prefix}{k}": v for k, v in zero_shot_auroc(emb["image"], encode_text, ordered).items()})
+    return out
+
+
+def text_encoder_fn(model, device: torch.device, autocast, batch_size: int = 64) -> Callable[[list[str]], torch.Tensor]:
+    """Encode free texts (prompts) with the model's text tower, in eval mode, without caching them."""
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        was_training = model.training
+        model.eval()
+        outs = []
+        for i in range(0, len(texts), batch_size):
+            batch = model.text_encoder.tokenize(texts[i:i + batch_size])
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast():
+                outs.append(model.encode_text(batch).float().cpu())
+        model.train(was_training)
+        return torch.cat(outs)
+
+    return encode
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Evaluate a checkpoint of this package on one split of a CSV."""
+    from .config import Config
+    from .trainer import autocast_factory, build_eval_loader, load_model_from_checkpoint, resolve_device
+    from .runlog import MetricsLogger, format_table
+
+    p = argparse.ArgumentParser(description="Evaluate a chest-CT SigLIP checkpoint on one split.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of this package (step_*.pt or best.pt)")
+    p.add_argument("--csv_file", required=True)
+    p.add_argument("--split", default="test")
+    p.add_argument("--label_columns", nargs="*", default=None, help="default: the run's, or 'auto'")
+    p.add_argument("--batch_size", type=int, default=None)
+    p.add_argument("--num_workers", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out_dir", default=None, help="where metrics.jsonl and the embeddings go (default: beside the checkpoint)")
+    p.add_argument("--save_embeddings", action="store_true", help="write image/text embeddings of the split")
+    args = p.parse_args(argv)
+    device = resolve_device(args.device)
+    model, cfg_dict = load_model_from_checkpoint(args.checkpoint, device=device)
+    cfg_dict.update(csv_file=args.csv_file, train_data_dir=None, demo=False,
+                    num_workers=args.num_workers, val_split=args.split)
+    if args.label_columns is not None:
+        cfg_dict["label_columns"] = args.label_columns
+    if args.batch_size:
+        cfg_dict["eval_batch_size"] = args.batch_size
+    cfg = Config.from_dict(cfg_dict)
+    autocast = autocast_factory(device, cfg.precision)
+    loader, table = build_eval_loader(cfg, args.split, model.text_encoder.tokenizer)
+    emb = compute_embeddings(model, loader, device, autocast)
+    labels = {c: table.frame[c].to_numpy() for c in table.label_columns}
+    metrics = evaluate_embeddings(emb, labels=labels, encode_text=text_encoder_fn(model, device, autocast),
+                                  prefix=f"{args.split}/")
+    out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    MetricsLogger(out_dir, tensorboard=False).log(int(torch.load(args.checkpoint, map_location="cpu",
+                                                                   weights_only=True).get("step", 0)), metrics)
+    if args.save_embeddings:
+        path = out_dir / f"embeddings_{args.split}.pt"
+        torch.save({"image": emb["image"], "text": emb["text"],
+                    "img_path": [table.frame["path"][i] for i in emb["index"].tolist()],
+                    "row": [int(table.frame["row"][i]) for i in emb["index"].tolist()]}, path)
+        print(f"Embeddings written to {path}")
+    print(format_table(metrics, title=f"{args.split} ({len(table)} samples)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Run outputs: metrics to `metrics.jsonl` and TensorBoard (rank 0 only), and console tables."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Appends one JSON object per event (`{"step": N, "time": ..., name: value...}`) and mirrors
+    scalars to TensorBoard. Appending keeps the history of a resumed run in one file."""
+
+    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+        self.enabled = enabled
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb = None
+        if enabled and tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+            except ImportError:  # tensorboard is optional at run time
+                self.tb = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        record = {"step": int(step), "time": round(time.time(), 3)}
+        record.update({k: _plain(v) for k, v in metrics.items()})
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _plain(v: Any) -> Any:
+    if hasattr(v, "item"):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return None  # JSON has no NaN; null means "undefined" (e.g. AUROC of a one-class label)
+    return v
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def format_table(metrics: dict[str, Any], title: str = "Validation") -> str:
+    """A small two-column table for the console."""
+    rows = [(k, "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else
+             (f"{v:.4f}" if isinstance(v, float) else str(v))) for k, v in metrics.items()]
+    width = max([len(k) for k, _ in rows] + [len(title)])
+    vwidth = max([len(v) for _, v in rows] + [6])
+    line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"
+    out = [line, f"| {title.ljust(width)} | {'value'.rjust(vwidth)} |", line]
+    out += [f"| {k.ljust(width)} | {v.rjust(vwidth)} |" for k, v in rows]
+    out.append(line)
+    return "\n".join(out)
