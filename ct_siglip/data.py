@@ -7,7 +7,6 @@ Text is tokenized in the collate function, inside the worker processes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from collections.abc import Callable, Iterator
@@ -133,11 +132,6 @@ def read_directory_table(data_dir: str | Path, reports_json: str | Path | None =
     return Table(frame, str(data_dir), [], missing)
 
 
-def text_hash(text: str) -> int:
-    """Stable 63-bit id of a text (same in every process, unlike `hash`)."""
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
-
-
 class CTReportDataset(Dataset):
     """(volume, report) pairs. Items are addressed by `(index, epoch)` so that augmentation and
     bad-sample replacement depend only on the seed, the epoch and the index, never on which worker
@@ -255,7 +249,7 @@ class GlobalBatchSampler(Sampler):
         self.start_step = (epoch + 1) * self.steps_per_epoch
 
     def __len__(self) -> int:
-        epoch, offset = divmod(self.start_step, self.steps_per_epoch)
+        offset = self.start_step % self.steps_per_epoch
         return (self.steps_per_epoch - offset) * self.batch_size * self.accum
 
 

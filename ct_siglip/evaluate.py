@@ -90,8 +90,8 @@ def text_encoder_fn(model, device: torch.device, autocast, batch_size: int = 64)
 def main(argv: list[str] | None = None) -> int:
     """Evaluate a checkpoint of this package on one split of a CSV."""
     from .config import Config
-    from .trainer import autocast_factory, build_eval_loader, load_model_from_checkpoint, resolve_device
     from .runlog import MetricsLogger, format_table
+    from .trainer import autocast_factory, build_eval_loader, load_model_from_checkpoint, resolve_device
 
     p = argparse.ArgumentParser(description="Evaluate a chest-CT SigLIP checkpoint on one split.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of this package (step_*.pt or best.pt)")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import pickle
+import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -160,15 +161,20 @@ class I3ResNet(nn.Module):
         num_classes: int = 1692,
         contrastive_dim: int = 512,
         checkpointing: str = "none",
+        init_weights: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        """`init_weights=False` leaves parameters uninitialised, for callers that load every tensor right after
+        (strict `load_merlin_weights`): at depth 152 initialising 117M parameters costs seconds."""
         super().__init__()
         if depth not in I3RESNET_LAYOUTS:
             raise ConfigError(f"image depth {depth} not supported (choose one of {sorted(I3RESNET_LAYOUTS)})")
         if in_channels < 1 or width < 1:
             raise ConfigError(f"in_channels and width must be positive (got {in_channels}, {width})")
-        factory = {"device": device, "dtype": dtype}
+        target = torch.device(device) if device is not None else torch.get_default_device()
+        # Build on "meta" and materialise once: skips nn.Conv3d's own init, which _init_weights would redo.
+        factory = {"device": "meta", "dtype": dtype}
         self.depth, self.in_channels, self.width, self.with_heads = depth, in_channels, width, with_heads
         self.layout = I3RESNET_LAYOUTS[depth]
 
@@ -194,7 +200,10 @@ class I3ResNet(nn.Module):
 
         self.grad_checkpointing = "none"
         self.channels_last = False
-        self._init_weights()
+        if target.type != "meta":
+            self.to_empty(device=target)
+            if init_weights:
+                self._init_weights()
         self.set_grad_checkpointing(checkpointing)
 
     def _init_weights(self) -> None:
@@ -205,8 +214,7 @@ class I3ResNet(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, nn.BatchNorm3d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+                m.reset_parameters()  # weight 1, bias 0, running stats reset
 
     @property
     def stages(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential, nn.Sequential]:
@@ -235,7 +243,7 @@ class I3ResNet(nn.Module):
 
     def _segments(self) -> Iterator[tuple[Callable[[Tensor], Tensor], nn.Module]]:
         """(function, module owning its BN layers) per checkpoint segment for the current mode."""
-        yield self._stem, self
+        yield self._stem, self.bn1
         for stage in self.stages:
             if self.grad_checkpointing == "block":
                 for block in stage:
@@ -324,7 +332,7 @@ def resolve_merlin_checkpoint(source: str | Path, *, cache_dir: str | Path | Non
         ) from None
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
+def _read_state_dict(path: Path) -> dict[str, Any]:
     """`torch.load(weights_only=True)`: a checkpoint is data, never code. Memory-mapped when the format allows."""
     try:
         try:
@@ -332,19 +340,24 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
         except RuntimeError:  # legacy (pre-zip) serialisation cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
+        # torch's message is a page long and suggests weights_only=False; keep only the reason.
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(e))
+        reason = found.group(1) if found else "not a torch checkpoint"
         raise MerlinWeightsError(
             f"{path}: not a plain state dict of tensors, refused by torch.load(weights_only=True) ({reason})"
         ) from None
     except (RuntimeError, OSError, EOFError) as e:
-        raise MerlinWeightsError(f"{path}: cannot read checkpoint ({type(e).__name__}: {e}); re-download it") from None
+        reason = str(e).strip().split("\n")[0].split(". ")[0]
+        raise MerlinWeightsError(
+            f"{path}: cannot read checkpoint ({type(e).__name__}: {reason}); re-download it"
+        ) from None
     for wrapper in ("state_dict", "model"):  # accept {"state_dict": sd} / {"model": sd} wrappers too
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping) and not isinstance(obj.get(wrapper), Tensor):
+        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
             obj = obj[wrapper]
             break
     if not isinstance(obj, Mapping):
         raise MerlinWeightsError(f"{path}: expected a state dict, found {type(obj).__name__}")
-    return {k: v for k, v in obj.items() if isinstance(v, Tensor)}
+    return dict(obj)
 
 
 def _adapt_conv1(weight: Tensor, channels: int) -> Tensor:
@@ -401,7 +414,11 @@ def load_merlin_weights(
     }
     to_load: dict[str, Tensor] = {}
     for key, value in state.items():
-        if not key.startswith(prefix) or (prefix == "" and _is_known_non_backbone(key)):
+        if (
+            not isinstance(value, Tensor)
+            or not key.startswith(prefix)
+            or (prefix == "" and _is_known_non_backbone(key))
+        ):
             report["ignored"].append(key)
             continue
         name = key[len(prefix) :]
@@ -453,11 +470,11 @@ def format_load_report(report: Mapping[str, Any]) -> str:
     parts += [f"{k} adapted {v}" for k, v in report["adapted"].items()]
     ignored = report["ignored"]
     if ignored:
-        text = sum(k.startswith("encode_text.") for k in ignored)
+        text = sum(_is_known_non_backbone(k) for k in ignored)
         prefix = report.get("prefix", "")
         heads = sum(k.startswith(prefix) and k[len(prefix) :].startswith(_HEAD_PREFIXES) for k in ignored)
         other = len(ignored) - text - heads
-        parts.append(f"ignored {text} text-tower, {heads} Merlin-head and {other} other tensors")
+        parts.append(f"ignored {text} text-tower/logit_scale, {heads} Merlin-head and {other} other tensors")
     for bucket in ("missing", "mismatched", "unexpected"):
         if report[bucket]:
             parts.append(f"{len(report[bucket])} {bucket} (not loaded)")
@@ -496,10 +513,12 @@ class ImageEncoder(nn.Module):
         activations: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "relu": nn.ReLU}
         if proj_activation not in activations:
             raise ConfigError(f"projection activation '{proj_activation}' unknown (choose gelu or relu)")
-        self.backbone = I3ResNet(depth, in_channels, width, checkpointing=checkpointing)
+        load = pretrained is not None and str(pretrained).lower() != "none"
+        # Strict loading overwrites every backbone tensor, so random init would be wasted work.
+        self.backbone = I3ResNet(depth, in_channels, width, checkpointing=checkpointing, init_weights=not load)
         self.load_report: dict[str, Any] | None = None
-        if pretrained is not None and str(pretrained).lower() != "none":
-            self.load_report = load_merlin_weights(self.backbone, pretrained)
+        if load:
+            self.load_report = load_merlin_weights(self.backbone, pretrained, strict_backbone=True)
         self.projection = nn.Sequential(
             nn.Linear(self.backbone.out_features, proj_hidden),
             activations[proj_activation](),

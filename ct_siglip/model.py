@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
 from .loss import SigLIPLoss
+
+log = logging.getLogger("ct_siglip")
 
 
 class ChestCTCLIP(nn.Module):
@@ -41,8 +45,12 @@ def build_model(cfg, *, device: torch.device, rank: int = 0, world_size: int = 1
     image = ImageEncoder(
         in_channels=cfg.in_channels, depth=cfg.image_depth, width=cfg.image_width, pretrained=weights,
         freeze_backbone=cfg.freeze_image_backbone, embed_dim=cfg.embed_dim, proj_dropout=cfg.proj_dropout,
-        checkpointing=cfg.image_checkpointing, channels_last=cfg.channels_last,
+        checkpointing=cfg.image_checkpointing, channels_last=cfg.channels_last, compile=cfg.compile,
     )
+    if image.load_report is not None:
+        from .image_tower import format_load_report
+
+        log.info(format_load_report(image.load_report))
     text = TextEncoder(
         cfg.text_model, text_model_path=cfg.text_model_path, pooling_mode=cfg.pooling_mode,
         max_length=cfg.max_text_length, instruction=cfg.text_instruction, train_mode=cfg.text_train,

@@ -75,6 +75,10 @@ class PreprocessSettings:
     """HU used for padding (air), applied before windowing."""
 
     def __post_init__(self) -> None:
+        # Normalise types once (CLI ints vs floats), so settings compare equal to a loaded sidecar.
+        object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
+        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
+        object.__setattr__(self, "windows", tuple((float(lo), float(hi)) for lo, hi in self.windows))
         if len(self.spacing) != 3 or min(self.spacing) <= 0:
             raise ValueError(f"--spacing needs 3 positive numbers (mm along H, W, D), got {self.spacing}")
         if len(self.size) != 3 or min(self.size) <= 0:
@@ -107,20 +111,36 @@ def load_scan(path: str | Path):
         try:
             import pydicom  # noqa: F401
         except ImportError:
-            raise DataError("is a DICOM series folder, but pydicom is not installed", path=str(path),
-                            hint="pip install pydicom, or convert the series to NIfTI with dcm2niix") from None
+            raise DataError(
+                "is a DICOM series folder, but pydicom is not installed",
+                path=str(path),
+                hint="pip install pydicom, or convert the series to NIfTI with dcm2niix",
+            ) from None
         reader = "PydicomReader"
     elif path.is_file():
         if not path.name.lower().endswith(NIFTI_SUFFIXES):
             raise DataError("not a NIfTI file (.nii / .nii.gz) or a DICOM series folder", path=str(path))
+        import nibabel as nib
+
+        try:  # header only; MONAI's own message for an unreadable file lists readers, not the cause
+            nib.load(str(path))
+        except Exception as e:
+            raise DataError(
+                f"not a readable NIfTI file ({type(e).__name__}: {_one_line(e)})",
+                path=str(path),
+                hint="the file is corrupt or not NIfTI",
+            ) from None
         reader = "NibabelReader"
     else:
         raise DataError("scan not found", path=str(path), hint="check the image column and --input_dir")
     try:
         img = LoadImage(image_only=True, reader=reader, dtype=np.float32)(str(path))
     except Exception as e:  # readers raise many types; the user needs the file name and the gist
-        raise DataError(f"cannot read scan ({type(e).__name__}: {_one_line(e)})", path=str(path),
-                        hint="the file may be truncated or not an image") from None
+        raise DataError(
+            f"cannot read scan ({type(e).__name__}: {_one_line(e)})",
+            path=str(path),
+            hint="the file may be truncated or not an image",
+        ) from None
     return img
 
 
@@ -164,8 +184,11 @@ def preprocess_volume(
     if img.ndim == 4 and img.shape[-1] == 1:  # (X, Y, Z, 1) NIfTI files with a singleton 4th axis
         img = img[..., 0]
     if img.ndim != 3:
-        raise DataError(f"expected a 3-D scan, got shape {tuple(img.shape)}", path=source,
-                        hint="give one 3-D volume per row (split 4-D series first)")
+        raise DataError(
+            f"expected a 3-D scan, got shape {tuple(img.shape)}",
+            path=source,
+            hint="give one 3-D volume per row (split 4-D series first)",
+        )
 
     original_shape = [int(n) for n in img.shape]
     original_affine = np.asarray(img.affine, dtype=np.float64)
@@ -173,6 +196,10 @@ def preprocess_volume(
     nonfinite = int((~torch.isfinite(img)).sum())
     if nonfinite:
         img = torch.nan_to_num(img, nan=s.pad_value, posinf=s.pad_value, neginf=s.pad_value)
+
+    warnings = []
+    if float(img.min()) > s.body_threshold:  # a chest CT always holds air (lungs, outside the body)
+        warnings.append(f"no voxel below {s.body_threshold:g} HU: values may not be Hounsfield units")
 
     img = EnsureChannelFirst(channel_dim="no_channel")(img)
     img = Orientation(axcodes="RAS", labels=RAS_LABELS)(img)
@@ -182,8 +209,11 @@ def preprocess_volume(
     body = img[0] > s.body_threshold
     if not bool(body.any()):
         hi = float(img.max())
-        raise DataError(f"no voxel above {s.body_threshold:g} HU (max {hi:.4g})", path=source,
-                        hint="is this a CT in Hounsfield units? already-scaled volumes cannot be preprocessed")
+        raise DataError(
+            f"no voxel above {s.body_threshold:g} HU (max {hi:.4g})",
+            path=source,
+            hint="is this a CT in Hounsfield units? already-scaled volumes cannot be preprocessed",
+        )
     margin = [int(np.ceil(s.margin_mm / sp)) for sp in s.spacing]
     img = CropForeground(select_fn=partial(_above, s.body_threshold), margin=margin, allow_smaller=True)(img)
     body_shape = [int(n) for n in img.shape[1:]]
@@ -191,8 +221,9 @@ def preprocess_volume(
     out_affine = np.asarray(img.affine, dtype=np.float64)  # voxel (H, W, D) -> RAS mm, after crop and pad
 
     hu = img.as_tensor()[0]
-    hwd = torch.stack([ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(hu)
-                       for lo, hi in s.windows]).numpy()  # (C, H, W, D)
+    hwd = torch.stack(
+        [ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(hu) for lo, hi in s.windows]
+    ).numpy()  # (C, H, W, D)
     image = np.ascontiguousarray(hwd.transpose(0, 3, 1, 2)).astype(np.float16)  # (C, D, H, W)
 
     import nibabel as nib
@@ -216,6 +247,7 @@ def preprocess_volume(
         "body_shape_hwd": body_shape,
         # The body box was larger than --size along these axes, so part of it was cut off (centre crop).
         "cropped_axes": [ax for ax, n, t in zip("HWD", body_shape, s.size) if n > t],
+        "warnings": warnings,
         "settings": s.to_json(),
     }
     return image, meta
@@ -282,7 +314,7 @@ def process_job(job: Job, out_dir: str) -> dict[str, Any]:
     """Convert one scan, or skip it when already done; never raises, the reason goes to failures.csv."""
     out = Path(out_dir)
     npz_path, json_path = out / f"{job.out_stem}.npz", out / f"{job.out_stem}.json"
-    result = {"row": job.row, "source": job.source, "npz": npz_path.name, "status": "", "reason": ""}
+    result = {"row": job.row, "source": job.source, "npz": npz_path.name, "status": "", "reason": "", "warnings": []}
     try:
         if not job.overwrite and is_complete(npz_path, json_path, job.settings.to_json(), job.source):
             result["status"] = "skipped"
@@ -292,7 +324,7 @@ def process_job(job: Job, out_dir: str) -> dict[str, Any]:
         save_npz(npz_path, image, meta["spacing_dhw_mm"])
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         save_json(json_path, meta)
-        result["status"] = "done"
+        result.update(status="done", warnings=meta["warnings"])
     except DataError as e:
         result.update(status="failed", reason=_one_line(e.problem + (f" ({e.hint})" if e.hint else "")))
     except Exception as e:  # one bad scan must not stop the others
@@ -325,8 +357,15 @@ def run_jobs(jobs: list[Job], out_dir: Path, workers: int) -> list[dict[str, Any
                 try:
                     results.append(fut.result())
                 except Exception as e:  # a worker that died (e.g. out of memory) fails its scan only
-                    results.append({"row": job.row, "source": job.source, "npz": f"{job.out_stem}.npz",
-                                    "status": "failed", "reason": f"worker died: {type(e).__name__}: {_one_line(e)}"})
+                    results.append(
+                        {
+                            "row": job.row,
+                            "source": job.source,
+                            "npz": f"{job.out_stem}.npz",
+                            "status": "failed",
+                            "reason": f"worker died: {type(e).__name__}: {_one_line(e)}",
+                        }
+                    )
                 bar.update()
     bar.close()
     return sorted(results, key=lambda r: r["row"])
@@ -353,8 +392,9 @@ def assign_stems(sources: list[str], ids: list[str] | None = None) -> dict[str, 
     counts: dict[str, int] = {}
     for n in names.values():
         counts[n] = counts.get(n, 0) + 1
-    return {src: n if counts[n] == 1 else f"{n}_{hashlib.sha1(src.encode()).hexdigest()[:8]}"
-            for src, n in names.items()}
+    return {
+        src: n if counts[n] == 1 else f"{n}_{hashlib.sha1(src.encode()).hexdigest()[:8]}" for src, n in names.items()
+    }
 
 
 def find_scans(input_dir: Path) -> list[Path]:
@@ -372,12 +412,16 @@ def read_input_table(args: argparse.Namespace) -> tuple[pd.DataFrame, Path]:
             raise DataError("input CSV not found", path=str(csv), hint="check --input_csv")
         df = pd.read_csv(csv, dtype=str, keep_default_na=False)
         if args.image_column not in df.columns:
-            raise DataError(f"column '{args.image_column}' missing (columns: {', '.join(df.columns)})",
-                            path=str(csv), hint="pass --image_column with the column holding scan paths")
+            raise DataError(
+                f"column '{args.image_column}' missing (columns: {', '.join(df.columns)})",
+                path=str(csv),
+                hint="pass --image_column with the column holding scan paths",
+            )
         for flag, col in (("--findings_column", args.findings_column), ("--split_column", args.split_column)):
             if col not in df.columns:
-                print(f"warning: {csv}: no column '{col}' ({flag}); it is left empty in the output CSV",
-                      file=sys.stderr)
+                print(
+                    f"warning: {csv}: no column '{col}' ({flag}); it is left empty in the output CSV", file=sys.stderr
+                )
         base = Path(args.input_dir) if args.input_dir else csv.resolve().parent
         return df, base
     if not args.input_dir:
@@ -393,18 +437,27 @@ def read_input_table(args: argparse.Namespace) -> tuple[pd.DataFrame, Path]:
     return df, base
 
 
-def build_output_csv(df: pd.DataFrame, results: list[dict[str, Any]], sources: list[str], stems: dict[str, str],
-                     args: argparse.Namespace, out_dir: Path, output_csv: Path) -> pd.DataFrame:
+def build_output_csv(
+    df: pd.DataFrame,
+    results: list[dict[str, Any]],
+    sources: list[str],
+    stems: dict[str, str],
+    args: argparse.Namespace,
+    out_dir: Path,
+    output_csv: Path,
+) -> pd.DataFrame:
     """Rows whose scan converted: img_path (relative to the CSV), findings, split, then the extra columns."""
     ok = {r["source"] for r in results if r["status"] in ("done", "skipped")}
     keep = [i for i, src in enumerate(sources) if src in ok]
     rel_dir = Path(os.path.relpath(out_dir.resolve(), output_csv.resolve().parent))
-    out = pd.DataFrame({
-        "img_path": [(rel_dir / f"{stems[sources[i]]}.npz").as_posix() for i in keep],
-        "findings": df[args.findings_column].iloc[keep].to_numpy() if args.findings_column in df else "",
-        "split": df[args.split_column].iloc[keep].to_numpy() if args.split_column in df else "",
-        "source_path": df[args.image_column].iloc[keep].to_numpy(),
-    })
+    out = pd.DataFrame(
+        {
+            "img_path": [(rel_dir / f"{stems[sources[i]]}.npz").as_posix() for i in keep],
+            "findings": df[args.findings_column].iloc[keep].to_numpy() if args.findings_column in df else "",
+            "split": df[args.split_column].iloc[keep].to_numpy() if args.split_column in df else "",
+            "source_path": df[args.image_column].iloc[keep].to_numpy(),
+        }
+    )
     taken = {args.image_column, args.findings_column, args.split_column, *out.columns}
     for col in df.columns:
         if col not in taken:
@@ -419,24 +472,44 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument("--input_csv", help="table with one scan per row (image path, report, split, any extra columns)")
-    p.add_argument("--input_dir", help="folder the CSV's relative paths resolve against (default: the CSV's "
-                   "folder); without --input_csv, every .nii/.nii.gz and DICOM folder under it is converted")
+    p.add_argument(
+        "--input_dir",
+        help="folder the CSV's relative paths resolve against (default: the CSV's "
+        "folder); without --input_csv, every .nii/.nii.gz and DICOM folder under it is converted",
+    )
     p.add_argument("--out_dir", required=True, help="folder for the NPZ files, JSON sidecars and CSVs")
     p.add_argument("--output_csv", help="training CSV to write (default: OUT_DIR/dataset.csv)")
     p.add_argument("--image_column", default="image", help="input column with the scan path")
     p.add_argument("--id_column", help="input column naming each scan's output file (default: the scan's file name)")
     p.add_argument("--findings_column", default="findings", help="input column with the report text")
     p.add_argument("--split_column", default="split", help="input column with train/val/test")
-    p.add_argument("--spacing", type=float, nargs=3, default=[1.25, 1.25, 2.0], metavar=("H", "W", "D"),
-                   help="target voxel size in mm (H = left-right, W = posterior-anterior, D = inferior-superior)")
-    p.add_argument("--size", type=int, nargs=3, default=[256, 256, 192], metavar=("H", "W", "D"),
-                   help="target grid in voxels")
-    p.add_argument("--windows", type=float, nargs="+", default=[-1000, 400, -1000, 2000], metavar="HU",
-                   help="HU windows as LOW HIGH pairs; one channel each")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=[1.25, 1.25, 2.0],
+        metavar=("H", "W", "D"),
+        help="target voxel size in mm (H = left-right, W = posterior-anterior, D = inferior-superior)",
+    )
+    p.add_argument(
+        "--size", type=int, nargs=3, default=[256, 256, 192], metavar=("H", "W", "D"), help="target grid in voxels"
+    )
+    p.add_argument(
+        "--windows",
+        type=float,
+        nargs="+",
+        default=[-1000, 400, -1000, 2000],
+        metavar="HU",
+        help="HU windows as LOW HIGH pairs; one channel each",
+    )
     p.add_argument("--body_threshold", type=float, default=-500.0, help="HU above which a voxel counts as body")
     p.add_argument("--margin_mm", type=float, default=10.0, help="margin kept around the body box")
-    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)),
-                   help="parallel processes (1 = in this process)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=max(1, min(8, (os.cpu_count() or 2) - 1)),
+        help="parallel processes (1 = in this process)",
+    )
     p.add_argument("--overwrite", action="store_true", help="redo scans whose outputs already exist")
     return p
 
@@ -449,9 +522,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         settings = PreprocessSettings(
-            spacing=tuple(args.spacing), size=tuple(args.size),
+            spacing=tuple(args.spacing),
+            size=tuple(args.size),
             windows=tuple((args.windows[i], args.windows[i + 1]) for i in range(0, len(args.windows), 2)),
-            body_threshold=args.body_threshold, margin_mm=args.margin_mm,
+            body_threshold=args.body_threshold,
+            margin_mm=args.margin_mm,
         )
         df, base = read_input_table(args)
         if args.id_column and args.id_column not in df.columns:
@@ -475,8 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         elif src not in seen:  # a scan listed twice (two reports) is converted once
             seen.add(src)
             jobs.append(Job(row, src, stems[src], settings, args.overwrite))
-    print(f"{len(jobs)} scans -> {out_dir} (spacing {settings.spacing} mm, size {settings.size} (H, W, D), "
-          f"{len(settings.windows)} windows, {args.workers} workers)")
+    print(
+        f"{len(jobs)} scans -> {out_dir} (spacing {settings.spacing} mm, size {settings.size} (H, W, D), "
+        f"{len(settings.windows)} windows, {args.workers} workers)"
+    )
     results = run_jobs(jobs, out_dir, args.workers) + failed_early
 
     table = build_output_csv(df, results, sources, stems, args, out_dir, output_csv)
@@ -489,8 +566,13 @@ def main(argv: list[str] | None = None) -> int:
     elif failures_csv.exists():
         failures_csv.unlink()  # a stale list from an earlier run would mislead
     counts = {k: sum(r["status"] == k for r in results) for k in ("done", "skipped", "failed")}
-    print(f"converted {counts['done']}, already done {counts['skipped']}, failed {counts['failed']}; "
-          f"training CSV: {output_csv} ({len(table)} rows)")
+    print(
+        f"converted {counts['done']}, already done {counts['skipped']}, failed {counts['failed']}; "
+        f"training CSV: {output_csv} ({len(table)} rows)"
+    )
+    warned = [r for r in results if r.get("warnings")]
+    for r in warned[:10]:
+        print(f"warning: row {r['row']}: {r['source']}: {'; '.join(r['warnings'])}", file=sys.stderr)
     if failures:
         print(f"failures (row numbers are data rows of the input, from 1): {failures_csv}", file=sys.stderr)
         for r in failures[:10]:

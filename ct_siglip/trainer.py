@@ -26,7 +26,13 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import Config, parse_config
 from .data import (
-    Collator, CTReportDataset, EvalSampler, GlobalBatchSampler, Table, read_csv_table, read_directory_table,
+    Collator,
+    CTReportDataset,
+    EvalSampler,
+    GlobalBatchSampler,
+    Table,
+    read_csv_table,
+    read_directory_table,
 )
 from .errors import ConfigError, DataError
 from .evaluate import compute_embeddings, evaluate_embeddings, raise_batch_errors, text_encoder_fn
