@@ -209,6 +209,14 @@ class Collator:
         }
 
 
+def move_batch(batch: dict, device: torch.device, image_dtype: torch.dtype) -> tuple[torch.Tensor, dict]:
+    """Images (stored float16) and token tensors to the device, without blocking the host; images
+    are cast there, to the compute dtype (float32, or the autocast dtype)."""
+    images = batch["images"].to(device, non_blocking=True).to(image_dtype)
+    text = {k: v.to(device, non_blocking=True) for k, v in batch["text"].items()}
+    return images, text
+
+
 class GlobalBatchSampler(Sampler):
     """Yields `(index, epoch)` keys for one rank, resumable at any step.
 

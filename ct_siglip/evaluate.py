@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import math
 import sys
@@ -17,24 +16,27 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .data import move_batch
 from .metrics import retrieval_recall, zero_shot_auroc
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def compute_embeddings(model, loader, device: torch.device, autocast: Callable[[], contextlib.AbstractContextManager],
-                       *, progress: bool = True) -> dict[str, torch.Tensor]:
+def compute_embeddings(model, loader, device: torch.device, precision: str, *,
+                       progress: bool = True) -> dict[str, torch.Tensor]:
     """Image and text embeddings of a whole split (float32, on the CPU), in data-set order, plus the
     mean SigLIP loss over the loader's batches (the same batch size as training, so comparable)."""
+    from .trainer import PRECISION_DTYPES, autocast_factory
+
+    autocast = autocast_factory(device, precision)
     was_training = model.training
     model.eval()
     images, texts, indices, losses, sizes = [], [], [], [], []
     for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
         if "errors" in batch:
             raise_batch_errors(batch)
-        x = batch["images"].to(device, non_blocking=True)
-        text = {k: v.to(device, non_blocking=True) for k, v in batch["text"].items()}
+        x, text = move_batch(batch, device, PRECISION_DTYPES[precision])
         with autocast():
             img, txt, _ = model(x, text, compute_loss=False)
         img, txt = img.float(), txt.float()
@@ -91,7 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     """Evaluate a checkpoint of this package on one split of a CSV."""
     from .config import Config
     from .runlog import MetricsLogger, format_table
-    from .trainer import autocast_factory, build_eval_loader, load_model_from_checkpoint, resolve_device
+    from .trainer import (
+        autocast_factory,
+        build_eval_loader,
+        load_model_from_checkpoint,
+        resolve_device,
+        resolve_precision,
+    )
 
     p = argparse.ArgumentParser(description="Evaluate a chest-CT SigLIP checkpoint on one split.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of this package (step_*.pt or best.pt)")
@@ -105,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save_embeddings", action="store_true", help="write image/text embeddings of the split")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    model, cfg_dict = load_model_from_checkpoint(args.checkpoint, device=device)
+    model, cfg_dict, step = load_model_from_checkpoint(args.checkpoint, device=device)
     cfg_dict.update(csv_file=args.csv_file, train_data_dir=None, demo=False,
                     num_workers=args.num_workers, val_split=args.split)
     if args.label_columns is not None:
@@ -113,16 +121,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size:
         cfg_dict["eval_batch_size"] = args.batch_size
     cfg = Config.from_dict(cfg_dict)
-    autocast = autocast_factory(device, cfg.precision)
+    precision = resolve_precision(cfg.precision, device)
+    autocast = autocast_factory(device, precision)
     loader, table = build_eval_loader(cfg, args.split, model.text_encoder.tokenizer)
-    emb = compute_embeddings(model, loader, device, autocast)
+    emb = compute_embeddings(model, loader, device, precision)
     labels = {c: table.frame[c].to_numpy() for c in table.label_columns}
     metrics = evaluate_embeddings(emb, labels=labels, encode_text=text_encoder_fn(model, device, autocast),
                                   prefix=f"{args.split}/")
     out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
-    MetricsLogger(out_dir, tensorboard=False).log(int(torch.load(args.checkpoint, map_location="cpu",
-                                                                   weights_only=True).get("step", 0)), metrics)
+    MetricsLogger(out_dir, tensorboard=False).log(step, metrics)
     if args.save_embeddings:
         path = out_dir / f"embeddings_{args.split}.pt"
         torch.save({"image": emb["image"], "text": emb["text"],

@@ -31,6 +31,7 @@ from .data import (
     EvalSampler,
     GlobalBatchSampler,
     Table,
+    move_batch,
     read_csv_table,
     read_directory_table,
 )
@@ -60,11 +61,13 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+PRECISION_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
 def autocast_factory(device: torch.device, precision: str):
     """A zero-argument context factory: autocast in bf16/fp16, or nothing in fp32."""
-    precision = resolve_precision(precision, device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-    if dtype is None:
+    dtype = PRECISION_DTYPES[resolve_precision(precision, device)]
+    if dtype == torch.float32:
         return contextlib.nullcontext
     return lambda: torch.autocast(device_type=device.type, dtype=dtype)
 
@@ -254,14 +257,8 @@ class SigLIPTrainer:
         log.info("Resumed from %s at step %d", path, self.step)
 
     # -- steps -----------------------------------------------------------------------------------
-    def _to_device(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        images = batch["images"].to(self.device, non_blocking=True)
-        images = images.float() if self.precision == "fp32" else images
-        text = {k: v.to(self.device, non_blocking=True) for k, v in batch["text"].items()}
-        return images, text
-
     def _embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        images, text = self._to_device(batch)
+        images, text = move_batch(batch, self.device, PRECISION_DTYPES[self.precision])
         with self.autocast():
             img, txt, _ = self.forward_model(images, text, compute_loss=False)
         return img, txt
@@ -359,7 +356,7 @@ class SigLIPTrainer:
     def validate(self) -> dict[str, float]:
         if self.val_loader is None:
             return {}
-        emb = compute_embeddings(self.model, self.val_loader, self.device, self.autocast, progress=self.is_main)
+        emb = compute_embeddings(self.model, self.val_loader, self.device, self.precision, progress=self.is_main)
         labels = {c: self.val_table.frame[c].to_numpy() for c in self.val_table.label_columns}
         metrics = evaluate_embeddings(emb, labels=labels,
                                       encode_text=text_encoder_fn(self.model, self.device, self.autocast))
@@ -426,7 +423,7 @@ class SigLIPTrainer:
     def _log_train(self, out: dict, throughput: float) -> None:
         lr = self.scheduler.get_last_lr()[0]
         loss_fn = self.model.loss_fn
-        metrics = {"train/loss": out["loss"], "train/lr": lr, "train/t": float(loss_fn.t), "train/b": float(loss_fn.b),
+        metrics = {"train/loss": out["loss"], "train/lr": lr, "train/t": loss_fn.t.item(), "train/b": loss_fn.b.item(),
                    "train/grad_norm": out["grad_norm"], "train/samples_per_s": throughput,
                    "train/bad_samples": self.bad_samples}
         self.metrics.log(self.step, metrics)

@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from ct_siglip.errors import DataError
 from ct_siglip.preprocess import main, preprocess_volume
 from ct_siglip.validate import validate_csv
 
@@ -205,3 +206,10 @@ def test_missing_image_column_is_one_clear_error(tmp_path: Path, capsys):
     assert main(["--input_csv", str(tmp_path / "s.csv"), "--out_dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "column 'image' missing" in err and "--image_column" in err
+
+
+def test_implausible_values_are_flagged():
+    _, meta = preprocess_volume(np.random.default_rng(0).random((20, 20, 10)), size=(16, 16, 8))
+    assert "Hounsfield" in meta["warnings"][0]  # already-scaled data: kept, but the sidecar says why it looks wrong
+    with pytest.raises(DataError, match="no voxel above -500 HU"):
+        preprocess_volume(np.full((10, 10, 10), -1000.0), size=(16, 16, 8))
