@@ -161,7 +161,6 @@ def preprocess_volume(
     from monai.data import MetaTensor
     from monai.transforms import (
         CropForeground,
-        EnsureChannelFirst,
         Orientation,
         ResizeWithPadOrCrop,
         ScaleIntensityRange,
@@ -173,24 +172,27 @@ def preprocess_volume(
         s = PreprocessSettings(**{**asdict(s), **overrides})
     if isinstance(path_or_array, (str, Path)):
         source = str(path_or_array)
-        img = load_scan(path_or_array)
+        loaded = load_scan(path_or_array)
+        arr, aff = loaded.as_tensor(), torch.as_tensor(loaded.affine, dtype=torch.float64)
     else:
         source = "<array>"
-        arr = np.asarray(path_or_array, dtype=np.float32)
-        aff = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        arr = torch.from_numpy(np.ascontiguousarray(path_or_array, dtype=np.float32))
+        aff = torch.eye(4, dtype=torch.float64) if affine is None else torch.as_tensor(affine, dtype=torch.float64)
         if aff.shape != (4, 4):
-            raise DataError(f"affine must be 4 x 4, got {aff.shape}", path=source)
-        img = MetaTensor(torch.from_numpy(np.ascontiguousarray(arr)), affine=torch.from_numpy(aff))
-    if img.ndim == 4 and img.shape[-1] == 1:  # (X, Y, Z, 1) NIfTI files with a singleton 4th axis
-        img = img[..., 0]
-    if img.ndim != 3:
+            raise DataError(f"affine must be 4 x 4, got {tuple(aff.shape)}", path=source)
+    if arr.ndim == 4 and arr.shape[-1] == 1:  # (X, Y, Z, 1) NIfTI files with a singleton 4th axis
+        arr = arr[..., 0]
+    if arr.ndim != 3:
         raise DataError(
-            f"expected a 3-D scan, got shape {tuple(img.shape)}",
+            f"expected a 3-D scan, got shape {tuple(arr.shape)}",
             path=source,
             hint="give one 3-D volume per row (split 4-D series first)",
         )
+    # Built channel-first on purpose: a MetaTensor made from a channel-less 3-D tensor records 2 spatial
+    # dims, and MONAI's crops then leave the third axis out of the affine update (off by the crop).
+    img = MetaTensor(arr.float()[None], affine=aff)
 
-    original_shape = [int(n) for n in img.shape]
+    original_shape = [int(n) for n in img.shape[1:]]
     original_affine = np.asarray(img.affine, dtype=np.float64)
     # Some converters write NaN outside the reconstructed field of view: treat it as air.
     nonfinite = int((~torch.isfinite(img)).sum())
@@ -201,7 +203,6 @@ def preprocess_volume(
     if float(img.min()) > s.body_threshold:  # a chest CT always holds air (lungs, outside the body)
         warnings.append(f"no voxel below {s.body_threshold:g} HU: values may not be Hounsfield units")
 
-    img = EnsureChannelFirst(channel_dim="no_channel")(img)
     img = Orientation(axcodes="RAS", labels=RAS_LABELS)(img)
     img = Spacing(pixdim=s.spacing, mode="bilinear", padding_mode="border", dtype=np.float32)(img)
     resampled_shape = [int(n) for n in img.shape[1:]]

@@ -92,7 +92,7 @@ def test_marker_lands_on_documented_side(tmp_path: Path, shape, affine, marker, 
     centre = np.array([(s.start + s.stop - 1) / 2 for s in marker] + [1.0])
     world = affine @ centre
     h, w, d, _ = np.linalg.solve(np.array(meta["affine_hwd_ras"]), world)
-    np.testing.assert_allclose(found, [d, h, w], atol=1.0)
+    np.testing.assert_allclose(found, [d, h, w], atol=0.5)
 
 
 def test_array_without_affine_is_taken_as_1mm_ras():
