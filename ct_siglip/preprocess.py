@@ -188,20 +188,21 @@ def preprocess_volume(
             path=source,
             hint="give one 3-D volume per row (split 4-D series first)",
         )
+    arr = arr.float()
+    # Some converters write NaN outside the reconstructed field of view: treat it as air.
+    nonfinite = 0
+    if not bool(torch.isfinite(arr).all()):
+        nonfinite = int((~torch.isfinite(arr)).sum())
+        arr = torch.nan_to_num(arr, nan=s.pad_value, posinf=s.pad_value, neginf=s.pad_value)
+    warnings = []
+    if float(arr.min()) > s.body_threshold:  # a chest CT always holds air (lungs, outside the body)
+        warnings.append(f"no voxel below {s.body_threshold:g} HU: values may not be Hounsfield units")
+
     # Built channel-first on purpose: a MetaTensor made from a channel-less 3-D tensor records 2 spatial
     # dims, and MONAI's crops then leave the third axis out of the affine update (off by the crop).
-    img = MetaTensor(arr.float()[None], affine=aff)
-
-    original_shape = [int(n) for n in img.shape[1:]]
-    original_affine = np.asarray(img.affine, dtype=np.float64)
-    # Some converters write NaN outside the reconstructed field of view: treat it as air.
-    nonfinite = int((~torch.isfinite(img)).sum())
-    if nonfinite:
-        img = torch.nan_to_num(img, nan=s.pad_value, posinf=s.pad_value, neginf=s.pad_value)
-
-    warnings = []
-    if float(img.min()) > s.body_threshold:  # a chest CT always holds air (lungs, outside the body)
-        warnings.append(f"no voxel below {s.body_threshold:g} HU: values may not be Hounsfield units")
+    img = MetaTensor(arr[None], affine=aff)
+    original_shape = [int(n) for n in arr.shape]
+    original_affine = aff.numpy().copy()
 
     img = Orientation(axcodes="RAS", labels=RAS_LABELS)(img)
     img = Spacing(pixdim=s.spacing, mode="bilinear", padding_mode="border", dtype=np.float32)(img)
@@ -475,13 +476,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input_csv", help="table with one scan per row (image path, report, split, any extra columns)")
     p.add_argument(
         "--input_dir",
-        help="folder the CSV's relative paths resolve against (default: the CSV's "
-        "folder); without --input_csv, every .nii/.nii.gz and DICOM folder under it is converted",
+        help="folder the CSV's relative paths resolve against, else the CSV's folder; "
+        "without --input_csv, every .nii/.nii.gz and DICOM folder under it is converted",
     )
     p.add_argument("--out_dir", required=True, help="folder for the NPZ files, JSON sidecars and CSVs")
-    p.add_argument("--output_csv", help="training CSV to write (default: OUT_DIR/dataset.csv)")
+    p.add_argument("--output_csv", help="training CSV to write; without it, OUT_DIR/dataset.csv")
     p.add_argument("--image_column", default="image", help="input column with the scan path")
-    p.add_argument("--id_column", help="input column naming each scan's output file (default: the scan's file name)")
+    p.add_argument("--id_column", help="input column naming each scan's output file; without it, the scan's file name")
     p.add_argument("--findings_column", default="findings", help="input column with the report text")
     p.add_argument("--split_column", default="split", help="input column with train/val/test")
     p.add_argument(
@@ -540,7 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     output_csv = Path(args.output_csv) if args.output_csv else out_dir / "dataset.csv"
     raw = df[args.image_column].str.strip()
-    sources = [str(Path(p).expanduser()) if Path(p).expanduser().is_absolute() else str(base / p) for p in raw]
+    # absolute: sidecars, output names and resuming must not depend on the working directory
+    sources = [os.path.abspath(Path(p).expanduser() if Path(p).expanduser().is_absolute() else base / p) for p in raw]
     ids = df[args.id_column].tolist() if args.id_column else None
     stems = assign_stems(sources, ids)
 

@@ -92,8 +92,9 @@ def validate_csv(
 
     Per row: image path given, file exists and loads, key, 4-D, channel count, float dtype, finite
     values in [0, 1] (all through `load_volume`), report present, split known, not a repeat of an
-    earlier row's image. Table-wide problems (no `train_split` rows, or no `val_split` rows unless it
-    is '' or None, as the trainer requires) go to `result.attrs["problems"]`.
+    earlier row (same image and report) nor an image of another split. Table-wide problems (no
+    `train_split` rows, or no `val_split` rows unless it is '' or None, as the trainer requires) go
+    to `result.attrs["problems"]`.
     Raises `DataError` when the CSV itself is unusable (missing file or column).
     With `report`, prints a summary and writes the bad rows to `bad_rows_file` (default
     `<csv stem>_bad_rows.csv` beside the CSV); its path is in `result.attrs["bad_rows_file"]`.
@@ -104,23 +105,33 @@ def validate_csv(
     n = len(df)
     root = csv_file.resolve().parent
     raw = df[img_path_column].fillna("").astype(str).str.strip()
-    resolved = [str(Path(p) if Path(p).is_absolute() else root / p) if p else "" for p in raw]
+    # normpath: "a.npz" and "./a.npz" are one file, for the duplicate check as for the loader
+    resolved = [os.path.normpath(Path(p) if Path(p).is_absolute() else root / p) if p else "" for p in raw]
     split_values = df[split_column].fillna("").astype(str).str.strip()
     texts = df[findings_column]
 
     problems: list[list[tuple[str, str]]] = [[] for _ in range(n)]  # (check, reason) per row
     first_seen: dict[str, int] = {}
+    shared_images = 0
     for i, path in enumerate(resolved):
         if not path:
             problems[i].append(("path", "empty image path"))
             continue
         if path in first_seen:
+            # A second report for the same scan in the same split is allowed (and counted in the summary);
+            # a repeated row, or one scan in two splits (a leak into validation), is not.
             j = first_seen[path]
-            same = texts.iloc[i] == texts.iloc[j] and split_values.iloc[i] == split_values.iloc[j]
-            what = f"duplicate of row {j + 1}" if same else f"same image as row {j + 1}"
             if split_values.iloc[i] != split_values.iloc[j]:
-                what += f" (split '{split_values.iloc[j]}' there: leaks between splits)"
-            problems[i].append(("duplicate", what))
+                problems[i].append(
+                    (
+                        "duplicate",
+                        f"same image as row {j + 1}, in split '{split_values.iloc[j]}' there: leaks between splits",
+                    )
+                )
+            elif texts.iloc[i] == texts.iloc[j] or (pd.isna(texts.iloc[i]) and pd.isna(texts.iloc[j])):
+                problems[i].append(("duplicate", f"duplicate of row {j + 1}"))
+            else:
+                shared_images += 1
         else:
             first_seen[path] = i
     allowed = list(dict.fromkeys([*splits, train_split, *([val_split] if val_split else [])]))
@@ -178,6 +189,7 @@ def validate_csv(
             f"no rows in split '{val_split}' (splits present: {found}; pass --val_split '' to train without validation)"
         )
     result.attrs["problems"] = table_problems
+    result.attrs["rows_sharing_an_image"] = shared_images
     result.attrs["csv_file"] = str(csv_file)
     if report:
         bad_path = Path(bad_rows_file) if bad_rows_file else csv_file.with_name(f"{csv_file.stem}_bad_rows.csv")
@@ -227,6 +239,11 @@ def print_summary(result: pd.DataFrame, file=None) -> None:
     if len(shapes) > 1:  # not an error (the trainer may crop or pad), but batches need one size
         print(
             f"note: {len(shapes)} different volume shapes: " + ", ".join(f"{s} x{c}" for s, c in shapes.items()),
+            file=file,
+        )
+    if result.attrs.get("rows_sharing_an_image"):
+        print(
+            f"note: {result.attrs['rows_sharing_an_image']} rows repeat an earlier row's image with another report",
             file=file,
         )
     for p in result.attrs.get("problems", []):

@@ -33,7 +33,7 @@ def test_loss_value_and_all_gradients_equal_algorithm_1(n):
     g_ours = torch.autograd.grad(ours, [img, txt, loss_fn.t_prime, loss_fn.bias])
 
     img2, txt2 = img.detach().clone().requires_grad_(), txt.detach().clone().requires_grad_()
-    assert float(loss_fn.t_prime) == pytest.approx(math.log(1 / 0.3), rel=1e-7)  # float32-stored init
+    assert loss_fn.t_prime.item() == pytest.approx(math.log(1 / 0.3), rel=1e-7)  # float32-stored init
     t_prime = loss_fn.t_prime.detach().clone().requires_grad_()
     b = torch.tensor(-2.5, dtype=torch.float64, requires_grad=True)
     ref = algorithm_1(img2, txt2, t_prime, b)

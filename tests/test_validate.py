@@ -54,6 +54,8 @@ def mixed_csv(tmp_path: Path) -> Path:
         {"img_path": _npz(tmp_path / "noreport.npz"), "findings": "", "split": "train"},
         dict(rows[0]),  # the same row again
         {"img_path": _npz(tmp_path / "oddsplit.npz"), "findings": "Report.", "split": "training"},
+        {"img_path": "./good2.npz", "findings": "Small left effusion.", "split": "val"},  # leaks into val
+        {"img_path": "good3.npz", "findings": "Second report, same scan.", "split": "val"},  # allowed
     ]
     csv = tmp_path / "data.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
@@ -72,13 +74,15 @@ EXPECTED_BAD = {  # data row (header not counted) -> (check, reason fragment)
     13: ("report", "empty report"),
     14: ("duplicate", "duplicate of row 1"),
     15: ("split", "unknown split 'training'"),
+    16: ("duplicate", "same image as row 2, in split 'train' there"),
 }
 
 
 def test_each_bad_row_is_named_with_its_reason(mixed_csv: Path, capsys):
     result = validate_csv(mixed_csv, workers=2)
-    assert len(result) == 15 and result["row"].tolist() == list(range(1, 16))
-    assert result.loc[result["ok"], "row"].tolist() == [1, 2, 3, 4]
+    assert len(result) == 17 and result["row"].tolist() == list(range(1, 18))
+    assert result.loc[result["ok"], "row"].tolist() == [1, 2, 3, 4, 17]
+    assert result.attrs["rows_sharing_an_image"] == 1
     for row, (check, fragment) in EXPECTED_BAD.items():
         r = result.set_index("row").loc[row]
         assert not r["ok"] and r["checks"] == check and fragment in r["reason"], (row, r.to_dict())
@@ -87,7 +91,7 @@ def test_each_bad_row_is_named_with_its_reason(mixed_csv: Path, capsys):
     bad = pd.read_csv(bad_file)
     assert bad["row"].tolist() == sorted(EXPECTED_BAD) and "img_path" in bad.columns
     out = capsys.readouterr().out
-    assert "4 ok, 11 bad" in out and "row 5: missing.npz: file not found" in out and str(bad_file) in out
+    assert "5 ok, 12 bad" in out and "row 5: missing.npz: file not found" in out and str(bad_file) in out
 
 
 def test_cli_exits_non_zero_on_bad_rows(mixed_csv: Path, capsys):
@@ -160,20 +164,13 @@ def test_training_args_are_forwarded(tmp_path: Path, fake_trainer):
     assert got[got.index("--batch_size") + 1] == "2" and "--freeze_image_backbone" in got
 
 
-def test_synthetic_example_csv(tmp_path: Path, monkeypatch, fake_trainer):
-    seen = {}
-
-    def generate_dataset(out_dir, n, shape, seed):
-        seen.update(out_dir=str(out_dir), n=n, shape=shape, seed=seed)
-        return Path(out_dir) / "synthetic.csv"
-
-    monkeypatch.setitem(sys.modules, "ct_siglip.synthetic", types.SimpleNamespace(generate_dataset=generate_dataset))
-    example_dir = str(tmp_path / "ex")
-    argv = ["--create_example_csv", "--example_dir", example_dir, "--num_samples", "6", "--no_freeze_image_backbone"]
-    assert train_csv_example.main(argv) == 0
-    assert seen == {"out_dir": example_dir, "n": 6, "shape": (32, 64, 64), "seed": 0}
-    assert fake_trainer[0][:2] == ["--csv_file", str(Path(example_dir) / "synthetic.csv")]
-    assert "--freeze_image_backbone" not in fake_trainer[0]
+def test_synthetic_example_csv(tmp_path: Path, fake_trainer):
+    example_dir = tmp_path / "ex"
+    argv = ["--create_example_csv", "--example_dir", str(example_dir), "--num_samples", "6"]
+    assert train_csv_example.main([*argv, "--validate_csv"]) == 0  # generated, checked, no training
+    assert train_csv_example.main([*argv, "--no_freeze_image_backbone"]) == 0  # reused, then trained
+    (got,) = fake_trainer
+    assert got[:2] == ["--csv_file", str(example_dir / "synthetic.csv")] and "--freeze_image_backbone" not in got
 
 
 def test_train_example_directory_mode(tmp_path: Path, fake_trainer, capsys):
