@@ -27,8 +27,8 @@ def retrieval_recall(sim: Tensor | np.ndarray, ks: Sequence[int] = (1, 5, 10), *
 
     Ties are resolved pessimistically: the rank of the true item is the number of candidates scoring
     at least as high as it (itself included), so a model that gives every pair the same score gets
-    R@k = k / N rather than a perfect 1. NaN scores count as -inf (a broken embedding never helps).
-    k larger than N gives 1.0.
+    R@k = 0 for every k < N, not a perfect 1. NaN scores count as -inf (a broken embedding never
+    helps). k >= N gives 1.0.
     """
     s = torch.as_tensor(sim).detach().to("cpu", torch.float64)
     if s.ndim != 2 or s.shape[0] != s.shape[1]:

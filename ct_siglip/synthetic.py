@@ -14,8 +14,8 @@ descending aorta runs left of the spine, and pleural fluid layers posteriorly (l
 patient, so laterality is recoverable from the image alone.
 
 Findings use CT-RATE's label spellings (`FINDINGS`), each drawn independently with prevalence ~30 %.
-Small lesions (nodules, nodes, plate atelectasis) are rendered no smaller than ~2-3 voxels so that
-they stay visible at the demo's coarse resolution; reports state the drawn size in mm.
+Small lesions (nodules, nodes, plate atelectasis) are rendered no smaller than 2-4 voxels so that
+they stay visible at the demo's coarse resolution; reports state the nominal size in mm.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ DEFAULT_SHAPE: tuple[int, int, int] = (32, 64, 64)
 FIELD_OF_VIEW_MM: tuple[float, float, float] = (320.0, 380.0, 380.0)
 """Default scanned extent (D, H, W) in mm; the spacing is this divided by the shape."""
 
-GENERATOR_VERSION = 1  # bump when the pictures or reports change, so cached data sets are rebuilt
+GENERATOR_VERSION = 2  # bump when the pictures or reports change, so cached data sets are rebuilt
 CSV_NAME, PARAMS_NAME, IMAGE_DIR = "synthetic.csv", "synthetic.json", "images"
 LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
 NODE_STATIONS = (
@@ -67,7 +67,7 @@ NODE_STATIONS = (
     "right hilar",
     "left hilar",
 )
-MIN_NODULE_VOXELS = (2.5, 3.0, 3.0)  # (D, H, W) minimum rendered diameter of nodules and enlarged nodes
+MIN_NODULE_VOXELS = (3.0, 4.0, 4.0)  # (D, H, W) minimum rendered diameter of nodules and enlarged nodes
 _F32 = np.float32
 
 
@@ -75,8 +75,8 @@ _F32 = np.float32
 def window(hu: np.ndarray, windows: Sequence[tuple[float, float]] = DEFAULT_WINDOWS, dtype=np.float32) -> np.ndarray:
     """Map a HU volume `(D, H, W)` to `(C, D, H, W)` in [0, 1], one channel per (low, high) window.
 
-    This is the normalisation real scans get (`ct_siglip.preprocess` imports it), so phantoms and
-    patients reach the network on the same scale.
+    The same normalisation real scans get (numpy only, so `ct_siglip.preprocess` can share it): phantoms
+    and patients reach the network on the same scale.
     """
     hu = np.asarray(hu, dtype=np.float32)
     out = np.empty((len(windows), *hu.shape), dtype=np.float32)
@@ -152,8 +152,10 @@ class _Canvas:
         """(box, signed distance) of an ellipsoid; `angle` rotates it in the axial plane (radians)."""
         rz, rx, ry = (r + pad for r in radii)
         ext = max(rx, ry) + self.ramp
-        sl = self.box((center[0] - rz - self.spacing[0], center[1] - ext, center[2] - ext),
-                      (center[0] + rz + self.spacing[0], center[1] + ext, center[2] + ext))
+        sl = self.box(
+            (center[0] - rz - self.spacing[0], center[1] - ext, center[2] - ext),
+            (center[0] + rz + self.spacing[0], center[1] + ext, center[2] + ext),
+        )
         if sl is None:
             return None, None
         z, x, y = self.coords(sl)
@@ -195,19 +197,20 @@ def _vessel_bank(shape: tuple[int, int, int], spacing: tuple[float, float, float
         cv = _Canvas(shape, spacing, (0.0, 0.0, 0.0))
         acc = np.zeros(shape, dtype=_F32)
         for side in (1.0, -1.0):
-            hilum = np.array([25.0, 55.0 * side, -12.0])
+            hilum = np.array([25.0, 22.0 * side, -12.0])  # inside the mediastinum: the roots converge out of sight
             centre, radii = np.array([10.0, 80.0 * side, -5.0]), np.array([105.0, 50.0, 70.0])
             for _ in range(5):
                 u = rng.normal(size=3)
                 target = centre + radii * u / np.linalg.norm(u) * rng.uniform(0.5, 1.0) ** (1 / 3)
-                stack = [(hilum, target - hilum, 4.5, 0)]
+                stack = [(hilum, target - hilum, 3.5, 0)]
                 while stack:
                     start, direction, radius, depth = stack.pop()
                     length = np.linalg.norm(direction)
                     end = start + direction
                     sl, sd = cv.tube(tuple(start), tuple(end), radius, radius * 0.75)
                     if sl is not None:
-                        frac = min(1.0, math.pi * (radius * 0.85) ** 2 / cv.ramp**2)
+                        # partial volume: cross-section over the in-plane voxel, vessel calibre over the slice
+                        frac = min(1.0, math.pi * radius**2 / cv.ramp**2) * min(1.0, 2 * radius / spacing[0])
                         np.maximum(acc[sl], cv.soft(sd) * frac, out=acc[sl])
                     if depth < 3:
                         for _ in range(2):
@@ -380,6 +383,7 @@ class _Case:
         hc = (self.z_dia["left"] + 0.8 * hr[0], -u(22, 32) - 0.5 * (hr[1] - 56.0), 0.22 * Bi + u(-5, 5))
         self.y_asc = y_asc = hc[2] + 5.0
         y_tr = self.y_tr
+        self.hila = [(z_car - 18, -self.med - 25, y_tr - 6), (z_car - 18, self.med + 25, y_tr - 6)]
         desc = (-u(20, 26), y_v + 10.0)
         aorta_r = u(11, 14)
         for sl, sd in (
@@ -388,14 +392,17 @@ class _Case:
             _arch(cv, (z_arch, 12.0, y_asc), (z_arch, desc[0], desc[1]), aorta_r * 1.1),
             cv.tube((z_arch + 40, 32.0, y_asc - 6), (hc[0] + 0.4 * hr[0], 30.0, y_asc - 6), 9.0),  # SVC
             cv.tube((hc[0] + 0.6 * hr[0], -16.0, hc[2] + 20), (z_car - 12, -16.0, y_tr + 8), 12.0),  # PA trunk
-            cv.tube((z_car - 12, -16.0, y_tr + 8), (z_car - 18, -62.0, y_tr - 4), 9.0, 6.0),  # left PA
-            cv.tube((z_car - 12, -16.0, y_tr + 8), (z_car - 20, 60.0, y_tr - 4), 9.0, 6.0),  # right PA
+            # pulmonary arteries taper into the lungs' vessel trees instead of ending as blunt, nodule-like stumps
+            cv.tube((z_car - 12, -16.0, y_tr + 8), (z_car - 18, -self.med - 28, y_tr - 4), 9.0, 2.5),  # left PA
+            cv.tube((z_car - 12, -16.0, y_tr + 8), (z_car - 20, self.med + 26, y_tr - 4), 9.0, 2.5),  # right PA
             cv.tube((ztop, -6.0, y_es), (zbot + 40, -14.0, y_es + 4), 7.5),  # oesophagus
         ):
             if sl is not None:
                 cv.paint(cv.soft(sd), u(35, 50), sl)
         airway = [((ztop, 3.0, y_tr), (z_car, 3.0, y_tr), 9.0, 9.0)]
-        airway += [((z_car, 3.0, y_tr), (z_car - 25, 50.0 * s, y_tr - 6), 6.5, 5.0) for s in (1.0, -1.0)]
+        # main bronchi end at the lung root: the lungs' own airways are not drawn (too fine for this resolution)
+        root = self.med + 14.0
+        airway += [((z_car, 3.0, y_tr), (z_car - 22, root * s, y_tr - 6), 6.5, 5.5) for s in (1.0, -1.0)]
         for wall in (2.5, 0.0):  # soft-tissue wall, then the air lumen
             for a, b, r0, r1 in airway:
                 sl, sd = cv.tube(a, b, r0 + wall, r1 + wall)
@@ -446,8 +453,9 @@ class _Case:
             "prevascular": (z_arch - 8, -4.0, y_asc + 22),
             "subcarinal": (z_car - 28, -2.0, y_tr - 6),
             "aortopulmonary window": (z_arch - 16, -30.0, y_tr + 10),
-            "right hilar": (z_car - 10, 66.0, y_tr - 14),
-            "left hilar": (z_car - 6, -68.0, y_tr - 12),
+            # at the lung root, straddling the mediastinal border: they bulge the hilar contour, never float in lung
+            "right hilar": (z_car - 12, self.med + 12.0, y_tr - 8),
+            "left hilar": (z_car - 8, -self.med - 12.0, y_tr - 8),
         }
         enlarged = self.want["Lymphadenopathy"]
         count = int(f.integers(1, 4)) if enlarged else int(f.integers(0, 3))
@@ -482,7 +490,7 @@ class _Case:
         c = _sample_point(cv, f, self.sd_lung, 12.0, lobe=lobe, z_mid=self.z_mid)
         if c is None:
             return False
-        r = (f.uniform(30, 55), f.uniform(28, 50), f.uniform(28, 50))
+        r = (f.uniform(35, 60), f.uniform(32, 55), f.uniform(32, 55))
         sl, sd = cv.ellipsoid(c, (max(r[0], 2 * cv.spacing[0]), r[1], r[2]))
         m = cv.soft(sd) * _lobe_mask(cv, sl, lobe, self.z_mid) * cv.lung[sl]  # stops at the fissures
         cv.paint(m, f.uniform(-30, 40), sl)
@@ -502,8 +510,8 @@ class _Case:
             return False
         nz, phi = f.uniform(-0.45, 0.45), f.uniform(0, 2 * np.pi)
         n = (nz, math.sqrt(1 - nz**2) * math.cos(phi), math.sqrt(1 - nz**2) * math.sin(phi))
-        half_t = 0.5 * max(f.uniform(5, 10), 1.6 * cv.ramp)
-        extent = f.uniform(28, 48)
+        half_t = 0.5 * max(f.uniform(5, 10), 2.0 * cv.ramp)
+        extent = f.uniform(32, 52)
         sl = cv.box([p - extent for p in c], [p + extent for p in c])
         bz, bx, by = cv.coords(sl)
         dz, dx, dy = bz - c[0], bx - c[1], by - c[2]
@@ -515,14 +523,15 @@ class _Case:
         return True
 
     def _nodules(self, lobes: list[str]) -> bool:
-        """One (sometimes two) solid nodules, 5-30 mm, log-uniform so small ones are common."""
+        """One to three solid nodules, 5-30 mm, log-uniform so small ones are common."""
         cv, f = self.cv, self.frng["Lung nodule"]
         placed = []
-        for i in range(2 if f.random() < 0.2 else 1):
+        for i in range(int(f.choice([1, 2, 3], p=[0.6, 0.25, 0.15]))):
             lobe = lobes[i % len(lobes)] if lobes else LOBES[int(f.integers(5))]
             size = float(np.exp(f.uniform(np.log(5.0), np.log(30.0))))
             r = tuple(max(0.5 * size, 0.5 * m * s) for m, s in zip(MIN_NODULE_VOXELS, cv.spacing))
-            c = _sample_point(cv, f, self.sd_lung, max(r[1:]) + 4.0, lobe=lobe, z_mid=self.z_mid)
+            avoid = [(h, 35.0 + max(r)) for h in self.hila]  # keep nodules apart from hilar vessels and nodes
+            c = _sample_point(cv, f, self.sd_lung, max(r[1:]) + 4.0, lobe=lobe, z_mid=self.z_mid, avoid=avoid)
             if c is None:  # that lobe is full (fluid, consolidation): any aerated lung will do
                 c = _sample_point(cv, f, self.sd_lung, max(r[1:]) * 0.5)
                 if c is None:
@@ -653,14 +662,26 @@ def _lobe_mask(cv: _Canvas, sl, lobe: str, z_mid: float) -> np.ndarray:
     return m
 
 
-def _sample_point(cv: _Canvas, rng, sd_lung: np.ndarray, margin: float, *, lobe: str | None = None,
-                  z_mid: float = 0.0, zmin: float | None = None):
-    """A random point (z, x, y) in mm of fully aerated lung at least `margin` mm inside the lung."""
+def _sample_point(
+    cv: _Canvas,
+    rng,
+    sd_lung: np.ndarray,
+    margin: float,
+    *,
+    lobe: str | None = None,
+    z_mid: float = 0.0,
+    zmin: float | None = None,
+    avoid: Sequence = (),
+):
+    """A random point (z, x, y) in mm of fully aerated lung, `margin` mm inside it, outside the `avoid` spheres."""
     ok = (sd_lung < -margin) & (cv.lung > 0.99)
+    z, x, y = cv.coords()
+    for (cz, cx, cy), radius in avoid:
+        ok &= (z - cz) ** 2 + (x - cx) ** 2 + (y - cy) ** 2 > radius**2
     if lobe is not None:
         ok &= _lobe_mask(cv, cv.full, lobe, z_mid) > 0.99
     if zmin is not None:
-        ok &= cv.coords()[0] > zmin
+        ok &= z > zmin
     idx = np.flatnonzero(ok)
     if idx.size == 0:
         return None
@@ -686,22 +707,53 @@ _FILLER = (
     "The oesophagus is normal in calibre.",
 )
 _NEG = {
-    "Pleural effusion": ("No pleural effusion.", "There is no pleural effusion.", "No pleural effusion is seen.",
-                         "Pleural spaces are clear, without effusion.", "No pleural effusion or thickening."),
-    "Lung nodule": ("No lung nodule.", "No pulmonary nodule is identified.", "There is no lung nodule.",
-                    "No suspicious pulmonary nodule or mass.", "No nodules are seen in either lung."),
-    "Cardiomegaly": ("Heart size is normal.", "No cardiomegaly.", "The heart is not enlarged.",
-                     "Heart size is within normal limits.", "There is no cardiomegaly."),
-    "Pericardial effusion": ("No pericardial effusion.", "There is no pericardial effusion.",
-                             "The pericardium is unremarkable, without effusion.", "No pericardial fluid."),
-    "Emphysema": ("No emphysema.", "There is no emphysema.", "No emphysematous change.",
-                  "Lung parenchyma is of normal attenuation, without emphysema."),
-    "Consolidation": ("No consolidation.", "No focal consolidation.", "There is no consolidation.",
-                      "No airspace consolidation or infiltrate."),
+    "Pleural effusion": (
+        "No pleural effusion.",
+        "There is no pleural effusion.",
+        "No pleural effusion is seen.",
+        "Pleural spaces are clear, without effusion.",
+        "No pleural effusion or thickening.",
+    ),
+    "Lung nodule": (
+        "No lung nodule.",
+        "No pulmonary nodule is identified.",
+        "There is no lung nodule.",
+        "No suspicious pulmonary nodule or mass.",
+        "No nodules are seen in either lung.",
+    ),
+    "Cardiomegaly": (
+        "Heart size is normal.",
+        "No cardiomegaly.",
+        "The heart is not enlarged.",
+        "Heart size is within normal limits.",
+        "There is no cardiomegaly.",
+    ),
+    "Pericardial effusion": (
+        "No pericardial effusion.",
+        "There is no pericardial effusion.",
+        "The pericardium is unremarkable, without effusion.",
+        "No pericardial fluid.",
+    ),
+    "Emphysema": (
+        "No emphysema.",
+        "There is no emphysema.",
+        "No emphysematous change.",
+        "Lung parenchyma is of normal attenuation, without emphysema.",
+    ),
+    "Consolidation": (
+        "No consolidation.",
+        "No focal consolidation.",
+        "There is no consolidation.",
+        "No airspace consolidation or infiltrate.",
+    ),
     "Atelectasis": ("No atelectasis.", "There is no atelectasis.", "No atelectasis is seen."),
-    "Lymphadenopathy": ("No lymphadenopathy.", "No mediastinal lymphadenopathy.",
-                        "No pathologically enlarged mediastinal or hilar lymph nodes.",
-                        "There is no lymphadenopathy.", "Lymph nodes are not enlarged."),
+    "Lymphadenopathy": (
+        "No lymphadenopathy.",
+        "No mediastinal lymphadenopathy.",
+        "No pathologically enlarged mediastinal or hilar lymph nodes.",
+        "There is no lymphadenopathy.",
+        "Lymph nodes are not enlarged.",
+    ),
 }
 
 
@@ -711,81 +763,125 @@ def _cap(s: str) -> str:
 
 def _effusion_sentences(rng, side: str, depths: Mapping[str, float]) -> str:
     if side == "both":
-        left, right = depths["left"], depths["right"]
+        left, right = depths.get("left", 40.0), depths.get("right", 40.0)
         bigger = "right" if right > left + 10 else "left" if left > right + 10 else None
         size = next(w for t, w in _SIZE_WORD if max(left, right) < t)
-        options = [f"Bilateral pleural effusions, {size}.", "Pleural effusion on both sides.",
-                   f"{_cap(size)} right and left pleural effusions.",
-                   f"There are bilateral pleural effusions measuring up to {max(left, right):.0f} mm."]
+        options = [
+            f"Bilateral pleural effusions, {size}.",
+            "Pleural effusion on both sides.",
+            f"{_cap(size)} right and left pleural effusions.",
+            f"There are bilateral pleural effusions measuring up to {max(left, right):.0f} mm.",
+        ]
         if bigger:
             options.append(f"Bilateral pleural effusions, larger on the {bigger}.")
         return str(rng.choice(options))
-    depth = depths[side]
+    depth = depths.get(side, 40.0)
     size = next(w for t, w in _SIZE_WORD if depth < t)
-    return str(rng.choice([
-        f"{_cap(size)} {side} pleural effusion.",
-        f"There is a {size} {side} pleural effusion.",
-        f"{_cap(side)} pleural effusion measuring {depth:.0f} mm in thickness.",
-        f"Fluid is present in the {side} pleural space, consistent with a {size} pleural effusion.",
-        f"{_cap(side)}-sided pleural effusion, {size}.",
-    ]))
+    return str(
+        rng.choice(
+            [
+                f"{_cap(size)} {side} pleural effusion.",
+                f"There is a {size} {side} pleural effusion.",
+                f"{_cap(side)} pleural effusion measuring {depth:.0f} mm in thickness.",
+                f"Fluid is present in the {side} pleural space, consistent with a {size} pleural effusion.",
+                f"{_cap(side)}-sided pleural effusion, {size}.",
+            ]
+        )
+    )
 
 
-def _positive_sentence(rng, name: str, d: Mapping) -> str | None:
-    c = rng.choice
+def _a(size_mm: float) -> str:
+    """Indefinite article for a spoken number: "an 8 mm", "an 11 mm", "a 12 mm"."""
+    n = f"{size_mm:.0f}"
+    return "an" if n.startswith("8") or n in ("11", "18") else "a"
+
+
+def _positive_sentence(rng, name: str, d: Mapping) -> str:
+    """One sentence describing a present finding (not pleural effusion), with its size and place."""
     if name == "Lung nodule":
-        nods = d.get("nodules", [])
+        nods = d.get("nodules", [("right upper lobe", 10)])
         if len(nods) >= 2:
-            (l1, s1), (l2, s2) = nods[:2]
-            return str(c([f"Two solid nodules in the {l1} ({s1} mm) and the {l2} ({s2} mm).",
-                          f"Multiple pulmonary nodules, the largest measuring {max(s1, s2)} mm in the "
-                          f"{l1 if s1 >= s2 else l2}."]))
-        lobe, size = nods[0]
-        return str(c([f"A {size} mm solid nodule in the {lobe}.", f"There is a {size} mm lung nodule in the {lobe}.",
-                      f"{_cap(lobe)} nodule measuring {size} mm.",
-                      f"Noncalcified pulmonary nodule of {size} mm in the {lobe}.",
-                      f"Well-circumscribed {size} mm nodule is noted in the {lobe}."]))
-    if name == "Cardiomegaly":
-        return str(c(["The heart is enlarged.", "Cardiomegaly.", "Cardiomegaly is present.",
-                      f"Heart size is increased (cardiothoracic ratio {d.get('cardiothoracic_ratio', 0.6):.2f}).",
-                      "Enlarged cardiac silhouette, consistent with cardiomegaly."]))
-    if name == "Pericardial effusion":
+            count = {2: "two", 3: "three"}.get(len(nods), "multiple")
+            big_lobe, big = max(nods, key=lambda t: t[1])
+            listed = ", ".join(f"{mm} mm in the {lobe}" for lobe, mm in nods)
+            options = [
+                f"{_cap(count)} solid nodules: {listed}.",
+                f"Multiple pulmonary nodules, the largest measuring {big} mm in the {big_lobe}.",
+                f"{_cap(count)} lung nodules, up to {big} mm ({', '.join(lobe for lobe, _ in nods)}).",
+            ]
+        else:
+            lobe, mm = nods[0]
+            options = [
+                f"{_cap(_a(mm))} {mm} mm solid nodule in the {lobe}.",
+                f"There is {_a(mm)} {mm} mm lung nodule in the {lobe}.",
+                f"{_cap(lobe)} nodule measuring {mm} mm.",
+                f"Noncalcified pulmonary nodule of {mm} mm in the {lobe}.",
+                f"Well-circumscribed {mm} mm nodule is noted in the {lobe}.",
+            ]
+    elif name == "Cardiomegaly":
+        ratio = d.get("cardiothoracic_ratio", 0.6)
+        options = [
+            "The heart is enlarged.",
+            "Cardiomegaly.",
+            "Cardiomegaly is present.",
+            f"Heart size is increased (cardiothoracic ratio {ratio:.2f}).",
+            "Enlarged cardiac silhouette, consistent with cardiomegaly.",
+        ]
+    elif name == "Pericardial effusion":
         mm = d.get("pericardial_mm", 12.0)
         size = "small" if mm < 13 else "moderate"
-        return str(c([f"{_cap(size)} pericardial effusion.", f"Pericardial effusion up to {mm:.0f} mm thick.",
-                      f"There is a {size} pericardial effusion.",
-                      f"Fluid is seen in the pericardial space, measuring {mm:.0f} mm."]))
-    if name == "Emphysema":
+        options = [
+            f"{_cap(size)} pericardial effusion.",
+            f"Pericardial effusion up to {mm:.0f} mm thick.",
+            f"There is a {size} pericardial effusion.",
+            f"Fluid is seen in the pericardial space, measuring {mm:.0f} mm.",
+        ]
+    elif name == "Emphysema":
         sev, upper = d.get("emphysema", ("moderate", True))
         where = "upper-lobe predominant" if upper else "diffuse"
-        return str(c([f"{_cap(sev)} centrilobular emphysema, {where}.", f"There is {sev} emphysema.",
-                      "Emphysematous changes in both lungs.",
-                      f"Low-attenuation areas consistent with {sev} emphysema.",
-                      f"{_cap(sev)} {where} emphysema with bullae."]))
-    if name == "Consolidation":
-        lobe, size, air = d["consolidation"]
+        options = [
+            f"{_cap(sev)} centrilobular emphysema, {where}.",
+            f"There is {sev} emphysema.",
+            "Emphysematous changes in both lungs.",
+            f"Low-attenuation areas consistent with {sev} emphysema.",
+            f"{_cap(sev)} {where} emphysema with bullae.",
+        ]
+    elif name == "Consolidation":
+        lobe, size, air = d.get("consolidation", ("right lower lobe", 60.0, False))
         tail = " with air bronchograms" if air else ""
-        return str(c([f"Consolidation in the {lobe}{tail}.",
-                      f"There is an area of consolidation in the {lobe}, measuring {size:.0f} mm.",
-                      f"Dense airspace consolidation in the {lobe}{tail}, suggestive of pneumonia.",
-                      f"{_cap(lobe)} consolidation{tail}."]))
-    if name == "Atelectasis":
-        lobe = d["atelectasis"]
-        return str(c([f"Plate-like atelectasis in the {lobe}.", f"Subsegmental atelectasis in the {lobe}.",
-                      f"There is band-like atelectasis in the {lobe}.",
-                      f"Linear atelectasis is seen in the {lobe}."]))
-    if name == "Lymphadenopathy":
-        nodes = d["nodes"]
-        big = max(nodes, key=lambda t: t[1])
+        options = [
+            f"Consolidation in the {lobe}{tail}.",
+            f"There is an area of consolidation in the {lobe}, measuring {size:.0f} mm.",
+            f"Dense airspace consolidation in the {lobe}{tail}, suggestive of pneumonia.",
+            f"{_cap(lobe)} consolidation{tail}.",
+        ]
+    elif name == "Atelectasis":
+        lobe = d.get("atelectasis", "right lower lobe")
+        options = [
+            f"Plate-like atelectasis in the {lobe}.",
+            f"Subsegmental atelectasis in the {lobe}.",
+            f"There is band-like atelectasis in the {lobe}.",
+            f"Linear atelectasis is seen in the {lobe}.",
+        ]
+    elif name == "Lymphadenopathy":
+        nodes = d.get("nodes", [("subcarinal", 15.0)])
+        station, mm = max(nodes, key=lambda t: t[1])
         if len(nodes) > 1:
             where = ", ".join(n for n, _ in nodes[:-1]) + f" and {nodes[-1][0]}"
-            return str(c([f"Enlarged lymph nodes in the {where} stations, up to {big[1]:.0f} mm in short axis.",
-                          f"Mediastinal lymphadenopathy, the largest node {big[1]:.0f} mm ({big[0]}).",
-                          f"Multiple enlarged lymph nodes ({where}), the largest measuring {big[1]:.0f} mm."]))
-        return str(c([f"Enlarged {big[0]} lymph node measuring {big[1]:.0f} mm in short axis.",
-                      f"There is lymphadenopathy in the {big[0]} region ({big[1]:.0f} mm).",
-                      f"A pathologically enlarged {big[0]} lymph node, {big[1]:.0f} mm."]))
-    return None
+            options = [
+                f"Enlarged lymph nodes in the {where} stations, up to {mm:.0f} mm in short axis.",
+                f"Lymphadenopathy, the largest node {mm:.0f} mm ({station}).",
+                f"Multiple enlarged lymph nodes ({where}), the largest measuring {mm:.0f} mm.",
+            ]
+        else:
+            options = [
+                f"Enlarged {station} lymph node measuring {mm:.0f} mm in short axis.",
+                f"There is lymphadenopathy in the {station} region ({mm:.0f} mm).",
+                f"A pathologically enlarged {station} lymph node, {mm:.0f} mm.",
+            ]
+    else:
+        raise ValueError(f"no sentence for finding {name!r}")
+    return str(rng.choice(options))
 
 
 def write_report(rng: np.random.Generator, labels: Mapping, details: Mapping | None = None) -> str:
@@ -798,8 +894,9 @@ def write_report(rng: np.random.Generator, labels: Mapping, details: Mapping | N
     sentences = []
     absent = [n for n in FINDINGS if not labels[n]]
     if "Pleural effusion" in absent and "Pericardial effusion" in absent and rng.random() < 0.3:
-        sentences.append(str(rng.choice(["No pleural or pericardial effusion.",
-                                         "There is no pleural or pericardial effusion."])))
+        sentences.append(
+            str(rng.choice(["No pleural or pericardial effusion.", "There is no pleural or pericardial effusion."]))
+        )
         absent = [n for n in absent if n not in ("Pleural effusion", "Pericardial effusion")]
     for name in FINDINGS:
         if labels[name]:
@@ -882,9 +979,17 @@ def generate_dataset(
     out = Path(out_dir)
     shape = tuple(int(s) for s in shape)
     spacing = tuple(float(s) for s in (spacing_mm or default_spacing(shape)))
-    params = {"version": GENERATOR_VERSION, "n": int(n), "shape": list(shape), "spacing_mm": list(spacing),
-              "seed": int(seed), "splits": [[str(a), float(b)] for a, b in splits],
-              "prevalence": float(prevalence), "compress": bool(compress), "windows": [list(w) for w in DEFAULT_WINDOWS]}
+    params = {
+        "version": GENERATOR_VERSION,
+        "n": int(n),
+        "shape": list(shape),
+        "spacing_mm": list(spacing),
+        "seed": int(seed),
+        "splits": [[str(a), float(b)] for a, b in splits],
+        "prevalence": float(prevalence),
+        "compress": bool(compress),
+        "windows": [list(w) for w in DEFAULT_WINDOWS],
+    }
     csv_path, params_path = out / CSV_NAME, out / PARAMS_NAME
     if not overwrite and _cache_valid(csv_path, params_path, params):
         if verbose:
@@ -901,13 +1006,15 @@ def generate_dataset(
     perm = np.random.default_rng([seed, 2**31]).permutation(n)
     start = 0
     for (name, _), cnt in zip(splits, counts):
-        split_of[perm[start:start + cnt]] = name
+        split_of[perm[start : start + cnt]] = name
         start += cnt
 
     t0 = time.perf_counter()
     chunk = max(1, min(64, math.ceil(n / max(1, workers) / 4)))
-    jobs = [(str(out), list(range(i, min(n, i + chunk))), shape, spacing, seed, prevalence, compress)
-            for i in range(0, n, chunk)]
+    jobs = [
+        (str(out), list(range(i, min(n, i + chunk))), shape, spacing, seed, prevalence, compress)
+        for i in range(0, n, chunk)
+    ]
     if workers > 1:
         with ProcessPoolExecutor(max_workers=workers) as ex:
             rows = [r for part in ex.map(_generate_chunk, jobs) for r in part]
@@ -931,8 +1038,10 @@ def generate_dataset(
     tmp.write_text(json.dumps({**params, "seconds": round(elapsed, 2)}, indent=1))
     os.replace(tmp, params_path)  # written last: its presence marks a complete set
     if verbose:
-        print(f"synthetic data: {n} cases {shape} at {' x '.join(f'{s:.2f}' for s in spacing)} mm in {out} "
-              f"({elapsed:.1f} s with {workers} worker(s), {n / elapsed:.0f} cases/s)")
+        print(
+            f"synthetic data: {n} cases {shape} at {' x '.join(f'{s:.2f}' for s in spacing)} mm in {out} "
+            f"({elapsed:.1f} s with {workers} worker(s), {n / elapsed:.0f} cases/s)"
+        )
     return csv_path
 
 
@@ -1004,8 +1113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="output folder (CSV, parameters, images/)")
     p.add_argument("--n", type=int, default=600, help="number of cases")
     p.add_argument("--shape", type=int, nargs=3, default=list(DEFAULT_SHAPE), metavar=("D", "H", "W"))
-    p.add_argument("--spacing", type=float, nargs=3, default=None, metavar=("SD", "SH", "SW"),
-                   help="voxel spacing in mm (default: a fixed 320 x 380 x 380 mm field of view)")
+    p.add_argument(
+        "--spacing",
+        type=float,
+        nargs=3,
+        default=None,
+        metavar=("SD", "SH", "SW"),
+        help="voxel spacing in mm (default: a fixed 320 x 380 x 380 mm field of view)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prevalence", type=float, default=0.3, help="probability of each finding")
     p.add_argument("--workers", type=int, default=1, help="processes")
@@ -1013,9 +1128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--overwrite", action="store_true", help="regenerate even when a matching set exists")
     p.add_argument("--preview", type=int, default=0, metavar="K", help="also write preview.png of K cases")
     args = p.parse_args(argv)
-    csv_path = generate_dataset(args.out, args.n, shape=args.shape, spacing_mm=args.spacing, seed=args.seed,
-                                prevalence=args.prevalence, workers=args.workers, overwrite=args.overwrite,
-                                compress=args.compress, verbose=True)
+    csv_path = generate_dataset(
+        args.out,
+        args.n,
+        shape=args.shape,
+        spacing_mm=args.spacing,
+        seed=args.seed,
+        prevalence=args.prevalence,
+        workers=args.workers,
+        overwrite=args.overwrite,
+        compress=args.compress,
+        verbose=True,
+    )
     if args.preview:
         print(f"preview: {save_preview_png(csv_path, Path(args.out) / 'preview.png', n=args.preview)}")
     print(csv_path)

@@ -13,7 +13,7 @@ import numpy as np
 
 from .errors import DataError
 
-FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+FLOAT_DTYPES = (np.float16, np.float32)
 
 
 def load_volume(

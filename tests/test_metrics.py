@@ -19,16 +19,22 @@ from ct_siglip.metrics import (
 
 
 def test_retrieval_hand_computed_with_tie_and_k_beyond_n():
-    sim = torch.tensor([
-        [0.9, 0.1, 0.2],  # image 0: its text is best -> rank 1
-        [0.8, 0.5, 0.7],  # image 1: two texts score higher -> rank 3
-        [0.3, 0.6, 0.6],  # image 2: tied with text 1 -> pessimistic rank 2
-    ])
+    sim = torch.tensor(
+        [
+            [0.9, 0.1, 0.2],  # image 0: its text is best -> rank 1
+            [0.8, 0.5, 0.7],  # image 1: two texts score higher -> rank 3
+            [0.3, 0.6, 0.6],  # image 2: tied with text 1 -> pessimistic rank 2
+        ]
+    )
     r = retrieval_recall(sim, ks=(1, 2, 5))
     # text->image, by column: text 0 rank 1; text 1: 0.6 >= 0.5 -> rank 2; text 2: 0.7 >= 0.6 -> rank 2
     expected = {
-        "i2t_R@1": 1 / 3, "i2t_R@2": 2 / 3, "i2t_R@5": 1.0,
-        "t2i_R@1": 1 / 3, "t2i_R@2": 1.0, "t2i_R@5": 1.0,
+        "i2t_R@1": 1 / 3,
+        "i2t_R@2": 2 / 3,
+        "i2t_R@5": 1.0,
+        "t2i_R@1": 1 / 3,
+        "t2i_R@2": 1.0,
+        "t2i_R@5": 1.0,
     }
     assert r.keys() == expected.keys()
     for k, v in expected.items():

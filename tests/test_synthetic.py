@@ -108,9 +108,14 @@ def test_reports_agree_with_labels():
     negations = {s for group in S._NEG.values() for s in group}
     negations |= {"No pleural or pericardial effusion.", "There is no pleural or pericardial effusion."}
     keywords = {
-        "Pleural effusion": "pleural", "Lung nodule": "nodul", "Cardiomegaly": "cardiomegaly|heart|cardiac",
-        "Pericardial effusion": "pericardi", "Emphysema": "emphysem", "Consolidation": "consolidation",
-        "Atelectasis": "atelectasis", "Lymphadenopathy": "lymph",
+        "Pleural effusion": "pleural",
+        "Lung nodule": "nodul",
+        "Cardiomegaly": "cardiomegaly|heart|cardiac",
+        "Pericardial effusion": "pericardi",
+        "Emphysema": "emphysem",
+        "Consolidation": "consolidation",
+        "Atelectasis": "atelectasis",
+        "Lymphadenopathy": "lymph",
     }
     rng = np.random.default_rng(0)
     for _ in range(60):

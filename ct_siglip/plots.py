@@ -1,0 +1,119 @@
+"""PNG pictures of a run: training curves from `metrics.jsonl`, ROC curves from an evaluation.
+
+    python -m ct_siglip.plots RUN_DIR            # -> RUN_DIR/curves.png (+ roc_<split>.png if evaluated)
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .runlog import read_metrics
+
+
+def _series(records: list[dict], name: str) -> tuple[list[int], list[float]]:
+    pts = [(r["step"], r[name]) for r in records if r.get(name) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Loss (train and val), learning rate, t and b, retrieval and zero-shot AUROC against the step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    run_dir = Path(run_dir)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    panels = [
+        ("loss", ["train/loss", "val/loss"]),
+        ("learning rate", ["train/lr"]),
+        ("temperature t and bias b", ["train/t", "train/b"]),
+        ("retrieval", [f"val/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]),
+        ("zero-shot AUROC", sorted({k for r in records for k in r if k.startswith("val/zeroshot_auroc")})),
+    ]
+    panels = [(t, [n for n in names if _series(records, n)[0]]) for t, names in panels]
+    panels = [(t, names) for t, names in panels if names]
+    cols = 2
+    rows = math.ceil(len(panels) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(11, 3.4 * rows), squeeze=False)
+    for ax, (title, names) in zip(axes.flat, panels):
+        for n in names:
+            x, y = _series(records, n)
+            ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=n.split("/", 1)[1], lw=1.5)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.suptitle(f"{run_dir.name}: training curves")
+    fig.tight_layout()
+    out = Path(out or run_dir / "curves.png")
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def plot_roc(scores_file: str | Path, out: str | Path | None = None) -> Path:
+    """ROC curve per label from an evaluation's `zeroshot_<split>.npz` (score_<label>, label_<label>)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .metrics import roc_auc
+
+    data = np.load(scores_file)
+    names = [k.removeprefix("score_") for k in data.files if k.startswith("score_")]
+    fig, ax = plt.subplots(figsize=(6, 6))
+    for name in names:
+        s, y = data[f"score_{name}"], data[f"label_{name}"]
+        keep = y >= 0
+        fpr, tpr = roc_points(s[keep], y[keep])
+        if len(fpr):
+            ax.plot(fpr, tpr, lw=1.5, label=f"{name} ({roc_auc(s, y):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title("zero-shot ROC")
+    ax.legend(fontsize=7, loc="lower right")
+    out = Path(out or Path(scores_file).with_suffix(".png"))
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(FPR, TPR) at every distinct threshold, from (0, 0) to (1, 1); empty if a class is absent."""
+    pos, neg = int((labels == 1).sum()), int((labels == 0).sum())
+    if pos == 0 or neg == 0:
+        return np.array([]), np.array([])
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    last_of_tie = np.r_[np.diff(s) != 0, True]
+    tp, fp = np.cumsum(y == 1)[last_of_tie], np.cumsum(y == 0)[last_of_tie]
+    return np.r_[0.0, fp / neg], np.r_[0.0, tp / pos]
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="Draw a run's training curves and ROC curves as PNG files.")
+    p.add_argument("run_dir", help="a --save_dir holding metrics.jsonl")
+    args = p.parse_args(argv)
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        print(f"error: {run_dir / 'metrics.jsonl'} not found; pass a run folder (--save_dir)", file=sys.stderr)
+        return 2
+    print(f"wrote {plot_curves(run_dir)}")
+    for scores in sorted(run_dir.glob("zeroshot_*.npz")):
+        print(f"wrote {plot_roc(scores)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
