@@ -1,6 +1,12 @@
-"""Crash-safe checkpoints: write to a temp file, fsync, rename, fsync the folder; a manifest with the
-SHA-256 of the file marks it complete, so a torn or corrupted file is detected and `--resume auto`
-falls back to the previous complete one.
+"""Crash-safe checkpoints: a checkpoint is complete when its manifest (`<name>.json`) names the file's
+size and SHA-256, so a torn or corrupted file is detected, named, and `--resume auto` falls back to the
+previous complete one.
+
+Write protocol (a kill at any point leaves the newest complete checkpoint loadable and never damages an
+older one): the data goes to a temp file beside the target, hashed while it is written, then flushed and
+fsynced; `os.replace` gives it its name; the folder is fsynced; the manifest is written the same way,
+last. Replacing an existing name (`best.pt`) first writes a manifest that accepts the old *or* the new
+file, so the pair is valid at every instant of the swap. Loading always uses `weights_only=True`.
 """
 
 from __future__ import annotations
@@ -9,14 +15,22 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import re
+import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("ct_siglip")
 CKPT_RE = re.compile(r"^step_(\d{8})\.pt$")
+TMP_MARK = ".tmp"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file and the reason."""
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -38,54 +52,146 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call `write(file)` on a temp file beside `path`, then make it `path` in one rename."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+class _HashingWriter:
+    """A write-only file wrapper that hashes what passes through, so a multi-GB checkpoint is not read back
+    to be hashed. It keeps the first OSError: torch.save reports a failed write as a RuntimeError, and the
+    user needs the real reason (disk full, quota, permission)."""
+
+    def __init__(self, f: IO[bytes]):
+        self.f, self.sha, self.size, self.error = f, hashlib.sha256(), 0, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            self.f.write(data)  # a buffered file writes everything or raises
+        except OSError as e:
+            self.error = self.error or e
+            raise
+        self.sha.update(data)
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}")
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> tuple[str, int]:
+    """Call `write(file)` on a temp file beside `path`, fsync it, rename it to `path`, fsync the folder.
+    Returns the SHA-256 and size of what was written. On any error the temp file is removed and `path`
+    is untouched."""
+    digest, size = _write_temp(path, write)
+    _commit(path)
+    return digest, size
+
+
+def _write_temp(path: Path, write: Callable[[IO[bytes]], None]) -> tuple[str, int]:
+    tmp = _tmp_path(path)
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            hw = _HashingWriter(f)
+            try:
+                write(hw)
+            except Exception:
+                if hw.error is not None:
+                    raise hw.error from None
+                raise
             f.flush()
             os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return hw.sha.hexdigest(), hw.size
+
+
+def _commit(path: Path) -> None:
+    tmp = _tmp_path(path)
+    try:
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
     _fsync_dir(path.parent)
 
 
+def manifest_path(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    atomic_write(manifest_path(path), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        m = json.loads(manifest_path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return m if isinstance(m, dict) else None
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
-    """Write `state` atomically, then its manifest (`<name>.json`, also atomic) last: a checkpoint
-    without a matching manifest was never completed."""
+    """Write `state` crash-safely (see the module docstring) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
-    manifest = {"file": path.name, "sha256": sha256_file(path), "bytes": path.stat().st_size,
-                "step": int(state.get("step", -1))}
-    atomic_write_bytes(path.with_suffix(".json"), lambda f: f.write(json.dumps(manifest, indent=1).encode()))
+    digest, size = _write_temp(path, lambda f: torch.save(state, f))
+    entry = {
+        "file": path.name,
+        "sha256": digest,
+        "bytes": size,
+        "step": int(state.get("step", -1)),
+        "time": round(time.time(), 3),
+    }
+    try:
+        old = _read_manifest(path)
+        if path.exists() and old is not None and old.get("bytes") == path.stat().st_size:
+            # Until the rename below, `path` is still the old file: a manifest naming both keeps it valid.
+            _write_manifest(path, {**entry, "previous": {k: old.get(k) for k in ("sha256", "bytes", "step")}})
+        _commit(path)
+    except BaseException:
+        _tmp_path(path).unlink(missing_ok=True)
+        raise
+    _write_manifest(path, entry)
     return path
 
 
 def verify_checkpoint(path: str | Path) -> str | None:
     """None if `path` is complete and intact, else the reason it is not."""
     path = Path(path)
-    manifest_path = path.with_suffix(".json")
     if not path.is_file():
         return "file missing"
-    if not manifest_path.is_file():
+    manifest = _read_manifest(path)
+    if manifest is None:
+        if manifest_path(path).exists():
+            return "manifest unreadable"
         return "no manifest (the save did not finish)"
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return "manifest unreadable"
-    if path.stat().st_size != manifest.get("bytes"):
-        return f"size {path.stat().st_size} != {manifest.get('bytes')} in the manifest (truncated)"
-    if sha256_file(path) != manifest.get("sha256"):
+    size = path.stat().st_size
+    candidates = [manifest, manifest.get("previous") or {}]
+    if size not in [c.get("bytes") for c in candidates]:
+        return f"size {size} bytes, manifest says {manifest.get('bytes')} (truncated or torn write)"
+    if sha256_file(path) not in [c.get("sha256") for c in candidates if c.get("bytes") == size]:
         return "SHA-256 differs from the manifest (corrupted)"
     return None
 
 
+def _is_complete_cheap(path: Path) -> bool:
+    """Manifest present and size matching: enough to tell finished saves from torn ones when pruning."""
+    m = _read_manifest(path)
+    return (
+        m is not None
+        and path.is_file()
+        and path.stat().st_size in (m.get("bytes"), (m.get("previous") or {}).get("bytes"))
+    )
+
+
+def checkpoint_step(path: Path) -> int:
+    m = CKPT_RE.match(path.name)
+    return int(m.group(1)) if m else -1
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Periodic checkpoints in `folder`, oldest first."""
+    """Periodic checkpoints (`step_XXXXXXXX.pt`) in `folder`, oldest first."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -93,7 +199,7 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def find_latest(folder: str | Path) -> Path | None:
-    """The newest complete, intact checkpoint; broken ones are named in the log and skipped."""
+    """The newest complete, intact periodic checkpoint; broken ones are named in the log and skipped."""
     for path in reversed(list_checkpoints(folder)):
         problem = verify_checkpoint(path)
         if problem is None:
@@ -103,19 +209,54 @@ def find_latest(folder: str | Path) -> Path | None:
 
 
 def load_checkpoint(path: str | Path, *, verify: bool = True) -> dict[str, Any]:
-    """Load with `weights_only=True` (no arbitrary pickles), after checking the manifest if present."""
+    """Load with `weights_only=True`: tensors and plain containers only, never code. With `verify`, a file
+    whose manifest does not match is refused with the reason."""
     path = Path(path)
-    if verify and path.with_suffix(".json").is_file():
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if verify and manifest_path(path).exists():
         problem = verify_checkpoint(path)
         if problem:
-            raise RuntimeError(f"{path}: checkpoint is damaged ({problem}); use an older one or --resume auto")
-    return torch.load(path, map_location="cpu", weights_only=True)
+            raise CheckpointError(f"{path}: checkpoint is damaged ({problem}); use an older one or --resume auto")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        reason = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: refused by torch.load(weights_only=True): it holds Python objects beyond tensors and plain "
+            f"values, which could run code when loaded ({reason}). Only load checkpoints you trust."
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot read checkpoint ({type(e).__name__}: {str(e)[:300]})") from None
 
 
-def prune(folder: str | Path, keep_last_n: int) -> None:
-    """Delete all but the newest `keep_last_n` periodic checkpoints (called after a save completed)."""
+def remove_stale_temps(folder: str | Path) -> int:
+    """Delete temp files left by a save that was killed (only one process, rank 0, ever writes here)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    stale = [
+        p
+        for p in folder.iterdir()
+        if p.name.startswith(".") and TMP_MARK in p.name and (p.name[1:].split(TMP_MARK)[0].endswith((".pt", ".json")))
+    ]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
+
+
+def prune(folder: str | Path, keep_last_n: int) -> list[Path]:
+    """Delete periodic checkpoints beyond the newest `keep_last_n` complete ones; called only after a save
+    completed, so the newest complete one is the one just written. Torn files older than the newest
+    complete checkpoint go too; newer ones are left for the next save of that step to overwrite."""
     if keep_last_n <= 0:
-        return
-    for path in list_checkpoints(folder)[:-keep_last_n]:
-        path.unlink(missing_ok=True)
-        path.with_suffix(".json").unlink(missing_ok=True)
+        return []
+    paths = list_checkpoints(folder)
+    complete = [p for p in paths if _is_complete_cheap(p)]
+    keep = set(complete[-keep_last_n:])
+    newest = checkpoint_step(complete[-1]) if complete else -1
+    removed = [p for p in paths if p not in keep and checkpoint_step(p) < newest]
+    for p in removed:
+        p.unlink(missing_ok=True)
+        manifest_path(p).unlink(missing_ok=True)
+    return removed

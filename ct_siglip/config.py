@@ -46,13 +46,17 @@ class Config:
     """Every setting of a training run; field names are the CLI flags."""
 
     # CSV data
-    csv_file: str | None = arg(None, "CSV with image paths, reports and splits (relative paths resolve against its folder)", CSV)
+    csv_file: str | None = arg(
+        None, "CSV with image paths, reports and splits (relative paths resolve against its folder)", CSV
+    )
     train_split: str = arg("train", "value of the split column used for training", CSV)
     val_split: str = arg("val", "value of the split column used for validation ('' to skip validation)", CSV)
     findings_column: str = arg("findings", "column holding the report text", CSV)
     img_path_column: str = arg("img_path", "column holding the NPZ path", CSV)
     split_column: str = arg("split", "column holding the split name", CSV)
-    label_columns: list[str] = arg([], "binary label columns (0/1, -1 = unknown) for zero-shot AUROC; 'auto' finds them", CSV, nargs="*")
+    label_columns: list[str] = arg(
+        [], "binary label columns (0/1, -1 = unknown) for zero-shot AUROC; 'auto' finds them", CSV, nargs="*"
+    )
     # Legacy
     train_data_dir: str | None = arg(None, "directory of training *.npz files", LEGACY)
     val_data_dir: str | None = arg(None, "directory of validation *.npz files (optional)", LEGACY)
@@ -60,38 +64,92 @@ class Config:
     # Data loading
     npz_key: str = arg("image", "array key inside each NPZ", LOAD)
     in_channels: int = arg(2, "channels per volume (HU windows); the first conv adapts to it", LOAD)
-    missing_report_text: str = arg("No report available.", "text used for a missing or empty report (counted in the log)", LOAD)
-    augment: str = arg("none", "random augmentation: none, or light (small shifts and intensity jitter)", LOAD, choices=["none", "light"])
-    on_bad_sample: str = arg("error", "a bad NPZ or report: stop with its file and row (error) or replace it (skip)", LOAD, choices=["error", "skip"])
-    max_bad_fraction: float = arg(0.01, "with --on_bad_sample skip, abort when more than this fraction of samples is bad", LOAD)
+    missing_report_text: str = arg(
+        "No report available.", "text used for a missing or empty report (counted in the log)", LOAD
+    )
+    augment: str = arg(
+        "none",
+        "random augmentation: none, or light (small shifts and intensity jitter)",
+        LOAD,
+        choices=["none", "light"],
+    )
+    on_bad_sample: str = arg(
+        "error",
+        "a bad NPZ or report: stop with its file and row (error) or replace it (skip)",
+        LOAD,
+        choices=["error", "skip"],
+    )
+    max_bad_fraction: float = arg(
+        0.01, "with --on_bad_sample skip, abort when more than this fraction of samples is bad", LOAD
+    )
+    preflight: bool = arg(
+        True,
+        "check every volume of the train and val splits before step 1 (parallel, cached by file size and mtime)",
+        LOAD,
+        action=argparse.BooleanOptionalAction,
+    )
+    loader_timeout: float = arg(
+        600.0, "seconds to wait for one batch from the loader workers before failing (0 = forever)", LOAD
+    )
     # Model
     embed_dim: int = arg(512, "shared embedding size", MODEL)
     temperature: float = arg(0.1, "initial SigLIP temperature tau (t = 1/tau; the paper's t = 10)", MODEL)
     bias_init: float = arg(-10.0, "initial SigLIP bias b (the paper's -10)", MODEL)
     fixed_temperature: bool = arg(False, "keep t and b fixed instead of learning them", MODEL)
-    loss_dist_impl: str = arg("gather", "cross-process SigLIP loss: all-gather of texts, or bidir neighbour exchange", MODEL, choices=["gather", "bidir"])
-    init_from: str | None = arg(None, "start a new run from this checkpoint's model weights (fresh optimizer and schedule)", MODEL)
+    loss_dist_impl: str = arg(
+        "gather",
+        "cross-process SigLIP loss: all-gather of texts, or bidir neighbour exchange",
+        MODEL,
+        choices=["gather", "bidir"],
+    )
+    init_from: str | None = arg(
+        None, "start a new run from this checkpoint's model weights (fresh optimizer and schedule)", MODEL
+    )
     # Text tower
     text_model: str = arg(DEFAULT_TEXT_MODEL, "LLM2Vec base model: Hugging Face id or local folder", TEXT)
-    text_model_path: str | None = arg(None, "fine-tuned text weights: state dict, llm2vec4cxr folder/id, or a checkpoint of this package", TEXT)
+    text_model_path: str | None = arg(
+        None, "fine-tuned text weights: state dict, llm2vec4cxr folder/id, or a checkpoint of this package", TEXT
+    )
     text_peft_path: str | None = arg(None, "LLM2Vec PEFT adapter to load on the base model", TEXT)
-    pooling_mode: str = arg("mean", "text pooling", TEXT, choices=["mean", "weighted_mean", "eos_token", "bos_token", "latent_attention"])
+    pooling_mode: str = arg(
+        "mean", "text pooling", TEXT, choices=["mean", "weighted_mean", "eos_token", "bos_token", "latent_attention"]
+    )
     max_text_length: int = arg(512, "maximum report tokens", TEXT)
-    text_instruction: str | None = arg(None, "instruction prepended to every report (only report tokens are pooled)", TEXT)
+    text_instruction: str | None = arg(
+        None, "instruction prepended to every report (only report tokens are pooled)", TEXT
+    )
     text_chat_template: bool = arg(False, "wrap texts in the Llama-3 chat format (llm2vec4cxr models)", TEXT)
-    text_train: str = arg("full", "text tower training: full fine-tune, LoRA, or frozen (embeddings cached)", TEXT, choices=["full", "lora", "frozen"])
+    text_train: str = arg(
+        "full",
+        "text tower training: full fine-tune, LoRA, or frozen (embeddings cached)",
+        TEXT,
+        choices=["full", "lora", "frozen"],
+    )
     lora_r: int = arg(16, "LoRA rank", TEXT)
     lora_alpha: int = arg(32, "LoRA alpha", TEXT)
     lora_dropout: float = arg(0.05, "LoRA dropout", TEXT)
-    lora_target_modules: list[str] = arg(["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], "LoRA target modules", TEXT, nargs="+")
-    text_checkpointing: bool = arg(True, "gradient checkpointing in the text tower", TEXT, action=argparse.BooleanOptionalAction)
-    text_cache_dir: str | None = arg(None, "disk cache of frozen text embeddings (default: <save_dir>/text_cache)", TEXT)
+    lora_target_modules: list[str] = arg(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "LoRA target modules",
+        TEXT,
+        nargs="+",
+    )
+    text_checkpointing: bool = arg(
+        True, "gradient checkpointing in the text tower", TEXT, action=argparse.BooleanOptionalAction
+    )
+    text_cache_dir: str | None = arg(
+        None, "disk cache of frozen text embeddings (default: <save_dir>/text_cache)", TEXT
+    )
     # Image tower
     image_depth: int = arg(152, "I3ResNet depth (152 = Merlin; 50; 14 = tiny)", IMAGE, choices=[14, 50, 101, 152])
     image_width: int = arg(64, "I3ResNet base width (64 = Merlin)", IMAGE)
-    image_weights: str = arg("merlin", "image weights: merlin (Hugging Face download), a path to Merlin's checkpoint, or none", IMAGE)
+    image_weights: str = arg(
+        "merlin", "image weights: merlin (Hugging Face download), a path to Merlin's checkpoint, or none", IMAGE
+    )
     freeze_image_backbone: bool = arg(False, "freeze the I3ResNet (batch norm statistics too); train the heads", IMAGE)
-    image_checkpointing: str = arg("none", "activation checkpointing in the image tower", IMAGE, choices=["none", "stage", "block"])
+    image_checkpointing: str = arg(
+        "none", "activation checkpointing in the image tower", IMAGE, choices=["none", "stage", "block"]
+    )
     channels_last: bool = arg(False, "channels_last_3d memory format (faster convolutions on GPUs)", IMAGE)
     proj_dropout: float = arg(0.0, "dropout in the image projection head", IMAGE)
     compile: bool = arg(False, "torch.compile the image backbone", IMAGE)
@@ -103,39 +161,78 @@ class Config:
     min_lr_ratio: float = arg(0.0, "final learning rate as a fraction of the peak", TRAIN)
     max_steps: int = arg(100000, "optimizer steps to train", TRAIN)
     num_workers: int = arg(8, "data-loader worker processes", TRAIN)
-    grad_accum_steps: int = arg(1, "micro-batches per step; the loss still covers the whole global batch (embeddings cached)", TRAIN)
+    grad_accum_steps: int = arg(
+        1, "micro-batches per step; the loss still covers the whole global batch (embeddings cached)", TRAIN
+    )
     grad_clip: float = arg(1.0, "gradient norm clip (0 = off)", TRAIN)
-    precision: str = arg("auto", "autocast precision (auto: bf16 on GPU, fp32 on CPU)", TRAIN, choices=["auto", "bf16", "fp16", "fp32"])
+    precision: str = arg(
+        "auto", "autocast precision (auto: bf16 on GPU, fp32 on CPU)", TRAIN, choices=["auto", "bf16", "fp16", "fp32"]
+    )
     seed: int = arg(42, "random seed (each process uses seed + rank)", TRAIN)
     deterministic: bool = arg(False, "deterministic algorithms (slower; exact repeatability on GPU)", TRAIN)
-    max_bad_steps: int = arg(20, "stop after this many non-finite steps in a row", TRAIN)
+    max_bad_steps: int = arg(20, "stop (with a checkpoint) after this many non-finite steps in a row", TRAIN)
+    watchdog_timeout: float = arg(
+        1800.0, "exit with status 124 when no step completes for this many seconds (0 = off)", TRAIN
+    )
+    dist_timeout: float = arg(
+        1800.0, "seconds a collective operation may wait for the other processes (torchrun)", TRAIN
+    )
     # Evaluation
     eval_interval: int = arg(1000, "validate every N steps (0 = only at the end)", EVAL)
     eval_batch_size: int | None = arg(None, "validation batch size (default: --batch_size)", EVAL)
     best_metric: str = arg("val/loss", "metric that selects the 'best' checkpoint", EVAL)
-    best_mode: str = arg("auto", "min or max for --best_metric (auto: min for losses)", EVAL, choices=["auto", "min", "max"])
+    best_mode: str = arg(
+        "auto", "min or max for --best_metric (auto: min for losses)", EVAL, choices=["auto", "min", "max"]
+    )
     # Logging and saving
     save_dir: str = arg("./checkpoints", "run folder: config, metrics, TensorBoard events and checkpoints", SAVE)
     log_interval: int = arg(100, "log train metrics every N steps", SAVE)
     save_interval: int = arg(5000, "save a checkpoint every N steps", SAVE)
     keep_last_n: int = arg(3, "keep the newest N periodic checkpoints (0 = keep all)", SAVE)
-    resume: str | None = arg(None, "continue a run: a checkpoint path, or 'auto' for the newest complete one in --save_dir", SAVE)
-    allow_config_change: bool = arg(False, "resume even if model, data or batch settings differ from the checkpoint's (logged)", SAVE)
+    resume: str | None = arg(
+        None, "continue a run: a checkpoint path, or 'auto' for the newest complete one in --save_dir", SAVE
+    )
+    allow_config_change: bool = arg(
+        False, "resume even if model, data or batch settings differ from the checkpoint's (logged)", SAVE
+    )
+    log_sample_ids: bool = arg(
+        False, "debug: log the data-set indices of every step's global batch (train/sample_ids)", SAVE
+    )
     # Run
     device: str = arg("auto", "cuda, cpu or auto", RUN)
-    demo: bool = arg(False, "run the whole job on a generated synthetic chest-CT set with tiny models (no download)", RUN)
+    demo: bool = arg(
+        False, "run the whole job on a generated synthetic chest-CT set with tiny models (no download)", RUN
+    )
 
     def __post_init__(self) -> None:
         if self.csv_file is None and self.train_data_dir is None and not self.demo:
             raise ConfigError("no data: pass --csv_file data.csv (or --train_data_dir DIR, or --demo)")
         if self.csv_file and self.train_data_dir:
             raise ConfigError("pass either --csv_file or --train_data_dir, not both")
-        positive = ("batch_size", "max_steps", "grad_accum_steps", "log_interval", "save_interval", "in_channels", "max_text_length")
+        positive = (
+            "batch_size",
+            "max_steps",
+            "grad_accum_steps",
+            "log_interval",
+            "save_interval",
+            "in_channels",
+            "max_text_length",
+        )
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
-        if self.warmup_steps < 0 or self.num_workers < 0 or self.eval_interval < 0:
-            raise ConfigError("--warmup_steps, --num_workers and --eval_interval must be >= 0")
+        for name in (
+            "warmup_steps",
+            "num_workers",
+            "eval_interval",
+            "keep_last_n",
+            "loader_timeout",
+            "watchdog_timeout",
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_bad_steps < 1 or self.dist_timeout <= 0:
+            raise ConfigError("--max_bad_steps must be >= 1 and --dist_timeout > 0")
         if self.temperature <= 0:
             raise ConfigError(f"--temperature is tau (t = 1/tau) and must be > 0, got {self.temperature}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:

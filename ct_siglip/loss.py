@@ -8,7 +8,9 @@ the number of positives per column, which is one, so a plain sum over the B x B 
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -23,11 +25,21 @@ class SigLIPLoss(nn.Module):
     `bias_init` is b (the paper's -10, which makes the initial loss small for the mostly negative
     pairs). Both are learnable unless `learnable=False`.
 
-    Across processes (`world_size > 1`), each rank scores its local images against the texts of every
-    rank; texts are gathered with an autograd-aware all-gather so their gradients flow back to the
-    rank that owns them. Each rank's loss is its share of pairs divided by the *local* batch: DDP
-    averages gradients over ranks, which turns that into the global-batch loss divided by the global
-    batch, exactly as one process on the whole batch.
+    Across processes (`world_size > 1`), each rank scores its b local images against the texts of
+    every rank, and the texts' gradients flow back to the rank that owns them. Every rank holds the
+    same number b of pairs (the trainer's sampler guarantees it; B = b * world_size).
+
+    Normalisation, precisely. The global loss is L = S / B with S the sum of -log sigmoid(z_ij) over
+    all B x B pairs. Rank r returns L_r = S_r / b, S_r being the sum over the rows of its own images.
+    Then sum_r L_r = S / b = world_size * L, and DDP, which *averages* gradients over ranks, turns the
+    per-rank gradients into d(sum_r L_r)/d(theta) / world_size = dL/d(theta): exactly one process on the
+    global batch. The text gradients are *summed* across ranks on the way back (an image on rank s
+    scores a text on rank r), which is the "sum" inside sum_r L_r. t' and b are not tower parameters
+    that DDP sees (the trainer averages their gradients itself), but the same argument holds.
+
+    Implementations (`dist_impl`): "gather" all-gathers the texts (memory O(B * dim) for them);
+    "bidir" passes them around the ring to both neighbours at once, world_size / 2 hops, so a rank
+    holds at most two foreign blocks of b texts at a time (open_clip's neighbour exchange).
     """
 
     def __init__(
@@ -57,6 +69,17 @@ class SigLIPLoss(nn.Module):
     def b(self) -> torch.Tensor:
         return self.bias
 
+    @contextlib.contextmanager
+    def local(self) -> Iterator[None]:
+        """Score each call's pairs on this process only: validation batches are per-rank and may differ in
+        size between ranks, so they must not enter a cross-rank exchange."""
+        saved = self.world_size
+        self.world_size = 1
+        try:
+            yield
+        finally:
+            self.world_size = saved
+
     def pair_logits(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """t * cos + b for every (image, text) pair, in float32 at least (float64 stays float64),
         whatever the autocast dtype: bf16 logits near |t| = 10 would lose the loss's small terms."""
@@ -64,12 +87,13 @@ class SigLIPLoss(nn.Module):
         with torch.autocast(device_type=image_emb.device.type, enabled=False):
             return self.t.to(dtype) * image_emb.to(dtype) @ text_emb.to(dtype).T + self.bias.to(dtype)
 
-    def _block_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor, positive: bool) -> torch.Tensor:
-        """Sum of -log sigmoid(label * logit) over one block of pairs; positives on its diagonal if `positive`."""
+    def _block_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor, positive: bool | int) -> torch.Tensor:
+        """Sum of -log sigmoid(label * logit) over one block of pairs. `positive`: True for positives on the
+        diagonal, an int k for positives on the diagonal at column offset k, False for none."""
         logits = self.pair_logits(image_emb, text_emb)
         labels = -torch.ones_like(logits)
-        if positive:
-            labels.diagonal().fill_(1.0)
+        if positive is not False:
+            labels.diagonal(0 if positive is True else positive).fill_(1.0)
         return -F.logsigmoid(labels * logits).sum()
 
     def forward(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
@@ -81,44 +105,86 @@ class SigLIPLoss(nn.Module):
         return self._bidir_loss(image_emb, text_emb) / local_b
 
     def _gather_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        # Autograd all_gather: the backward reduce-scatters each rank's text gradients to their owner.
-        texts = torch.distributed.nn.functional.all_gather(text_emb.contiguous())
-        total = image_emb.new_zeros((), dtype=torch.float32)
-        for r, t_emb in enumerate(texts):
-            total = total + self._block_loss(image_emb, t_emb, positive=(r == self.rank))
-        return total
+        """One b x B block: local images against all texts, the positives at columns rank * b + i."""
+        texts = _AllGather.apply(text_emb.contiguous())
+        return self._block_loss(image_emb, texts, positive=self.rank * image_emb.shape[0])
 
     def _bidir_loss(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-        """Neighbour exchange: texts travel around the ring, so memory stays O(local batch^2)."""
+        """Texts travel both ways round the ring: after hop k this rank holds the texts of ranks r - k and
+        r + k. An even world size leaves the opposite rank (r + W/2) for one last one-way hop."""
+        world, rank = self.world_size, self.rank
+        left, right = (rank - 1) % world, (rank + 1) % world
         total = self._block_loss(image_emb, text_emb, positive=True)
-        left, right = (self.rank - 1) % self.world_size, (self.rank + 1) % self.world_size
-        current = text_emb.contiguous()
-        for _ in range(self.world_size - 1):
-            current = _ring_shift(current, left, right)
-            total = total + self._block_loss(image_emb, current, positive=False)
+        from_left = from_right = text_emb.contiguous()
+        for _ in range((world - 1) // 2):
+            # Pass on what came from the left to the right, and what came from the right to the left.
+            from_left, from_right = _NeighbourExchange.apply(left, right, from_right, from_left)
+            total = total + self._block_loss(image_emb, from_left, positive=False)
+            total = total + self._block_loss(image_emb, from_right, positive=False)
+        if world % 2 == 0:
+            opposite = _RingShift.apply(left, right, from_left)
+            total = total + self._block_loss(image_emb, opposite, positive=False)
         return total
+
+
+class _AllGather(torch.autograd.Function):
+    """All ranks' (b, d) tensors concatenated to (W * b, d). Backward: every rank holds a gradient for all
+    W * b rows (from its own images); summed over ranks (all-reduce), each keeps the rows it owns."""
+
+    @staticmethod
+    def forward(ctx, tensor: torch.Tensor) -> torch.Tensor:
+        ctx.rank, ctx.world = dist.get_rank(), dist.get_world_size()
+        parts = [torch.empty_like(tensor) for _ in range(ctx.world)]
+        dist.all_gather(parts, tensor)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        # All-reduce rather than reduce-scatter: gloo lacks the latter, and these are B x dim floats.
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        b = grad.shape[0] // ctx.world
+        return grad[ctx.rank * b : (ctx.rank + 1) * b]
+
+
+class _NeighbourExchange(torch.autograd.Function):
+    """Send `to_left` to the left neighbour and `to_right` to the right one; return what the left and the
+    right neighbour sent us. Backward is the same exchange of the gradients: the gradient of what came
+    from the left goes back to the left, where it is the gradient of that rank's `to_right`."""
+
+    @staticmethod
+    def forward(ctx, left: int, right: int, to_left: torch.Tensor, to_right: torch.Tensor):
+        ctx.left, ctx.right = left, right
+        return _p2p([(to_left, left), (to_right, right)], [(to_right, left), (to_left, right)])
+
+    @staticmethod
+    def backward(ctx, grad_from_left: torch.Tensor, grad_from_right: torch.Tensor):
+        to_left_grad, to_right_grad = _p2p(
+            [(grad_from_left.contiguous(), ctx.left), (grad_from_right.contiguous(), ctx.right)],
+            [(grad_from_right, ctx.left), (grad_from_left, ctx.right)],
+        )
+        return None, None, to_left_grad, to_right_grad
 
 
 class _RingShift(torch.autograd.Function):
-    """Send to the right neighbour, receive from the left; the gradient travels the opposite way."""
+    """One-way hop: send to the right neighbour, receive from the left; the gradient travels back."""
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, left: int, right: int) -> torch.Tensor:
+    def forward(ctx, left: int, right: int, tensor: torch.Tensor) -> torch.Tensor:
         ctx.left, ctx.right = left, right
-        return _exchange(tensor, send_to=right, recv_from=left)
+        return _p2p([(tensor.contiguous(), right)], [(tensor, left)])[0]
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        return _exchange(grad.contiguous(), send_to=ctx.left, recv_from=ctx.right), None, None
+        return None, None, _p2p([(grad.contiguous(), ctx.left)], [(grad, ctx.right)])[0]
 
 
-def _exchange(tensor: torch.Tensor, send_to: int, recv_from: int) -> torch.Tensor:
-    out = torch.empty_like(tensor)
-    ops = [dist.P2POp(dist.isend, tensor, send_to), dist.P2POp(dist.irecv, out, recv_from)]
+def _p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, int]]) -> tuple[torch.Tensor, ...]:
+    """Post all sends and receives at once (no ordering deadlock), wait, return the received tensors.
+    `recvs` holds (a tensor shaped like the incoming one, source rank)."""
+    outs = [torch.empty_like(like) for like, _ in recvs]
+    ops = [dist.P2POp(dist.isend, t, peer) for t, peer in sends]
+    ops += [dist.P2POp(dist.irecv, out, peer) for out, (_, peer) in zip(outs, recvs)]
     for req in dist.batch_isend_irecv(ops):
         req.wait()
-    return out
-
-
-def _ring_shift(tensor: torch.Tensor, left: int, right: int) -> torch.Tensor:
-    return _RingShift.apply(tensor, left, right)
+    return tuple(outs)

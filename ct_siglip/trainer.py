@@ -1,13 +1,20 @@
 """The training loop: `SigLIPTrainer.train()` calls `train_step`, `validate`, `save` and `resume`.
 
-Everything a run needs to continue exactly (model, optimizer, scheduler, scaler, step, RNG states,
-best metric, bad-sample counts, config) is one checkpoint dict; the data position is the step,
-because every step consumes one fixed global batch (see `GlobalBatchSampler`).
+Everything a run needs to continue exactly (model, optimizer, scheduler, scaler, step, per-rank RNG
+states, best metric, bad-sample counts, config, data fingerprint) is one checkpoint dict; the data
+position is the step, because every step consumes one fixed global batch (see `GlobalBatchSampler`).
+
+Under torchrun every rank takes the same decisions at the same step: before each step one tiny
+all-gather tells all ranks whether any rank was signalled, hit bad data or lost its loader, so they
+all save the same step and stop together instead of leaving the others blocked in a collective.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
+import functools
+import json
 import logging
 import math
 import os
@@ -31,9 +38,22 @@ from .data import (
     EvalSampler,
     GlobalBatchSampler,
     Table,
+    ignore_stop_signals,
     move_batch,
     read_csv_table,
     read_directory_table,
+    rows_text,
+    table_fingerprint,
+)
+from .distributed import (
+    Watchdog,
+    all_gather_objects,
+    all_gather_rows,
+    all_gather_tensors,
+    barrier,
+    broadcast_object,
+    gather_ints,
+    init_distributed,
 )
 from .errors import ConfigError, DataError
 from .evaluate import compute_embeddings, evaluate_embeddings, raise_batch_errors, text_encoder_fn
@@ -42,10 +62,37 @@ from .runlog import MetricsLogger, format_table
 
 log = logging.getLogger("ct_siglip")
 
-# Settings that change what a checkpoint means; resuming with other values is refused.
-RESUME_MUST_MATCH = ("csv_file", "train_split", "train_data_dir", "in_channels", "embed_dim", "image_depth",
-                     "image_width", "text_model", "pooling_mode", "text_train", "batch_size", "grad_accum_steps",
-                     "seed", "max_text_length", "text_instruction")
+# Settings that change what a checkpoint means (with the global batch and the training rows, checked
+# separately); resuming with other values is refused. `--batch_size` alone may change: on another
+# number of processes the same global batch needs another per-process batch.
+RESUME_MUST_MATCH = (
+    "in_channels",
+    "npz_key",
+    "embed_dim",
+    "image_depth",
+    "image_width",
+    "freeze_image_backbone",
+    "text_model",
+    "pooling_mode",
+    "text_train",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "fixed_temperature",
+    "seed",
+    "max_text_length",
+    "text_instruction",
+    "text_chat_template",
+)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class LoaderFailure(RuntimeError):
+    """The data loader's workers died or delivered nothing within `--loader_timeout`."""
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed; this rank saved with it and stops too."""
 
 
 # ----------------------------------------------------------------------------- set-up helpers
@@ -92,9 +139,19 @@ def load_table(cfg: Config, split: str, *, train: bool) -> Table | None:
     if cfg.csv_file:
         if not split:
             return None
-        return read_csv_table(cfg.csv_file, split, img_path_column=cfg.img_path_column,
-                              findings_column=cfg.findings_column, split_column=cfg.split_column,
-                              label_columns=cfg.label_columns, missing_report_text=cfg.missing_report_text)
+        # Rows the run will not use are named once, when the training split is read.
+        known = (cfg.train_split, cfg.val_split, "test") if train else ()
+        return read_csv_table(
+            cfg.csv_file,
+            split,
+            img_path_column=cfg.img_path_column,
+            findings_column=cfg.findings_column,
+            split_column=cfg.split_column,
+            label_columns=cfg.label_columns,
+            missing_report_text=cfg.missing_report_text,
+            on_bad_rows=cfg.on_bad_sample,
+            known_splits=known,
+        )
     folder = cfg.train_data_dir if train else cfg.val_data_dir
     if folder is None:
         return None
@@ -104,21 +161,53 @@ def load_table(cfg: Config, split: str, *, train: bool) -> Table | None:
 def _loader(cfg: Config, dataset, sampler, tokenizer, batch_size: int, device: torch.device) -> DataLoader:
     workers = cfg.num_workers
     return DataLoader(
-        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=Collator(tokenizer),
-        pin_memory=device.type == "cuda", persistent_workers=workers > 0, drop_last=False,
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=Collator(tokenizer),
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+        drop_last=False,
         prefetch_factor=4 if workers > 0 else None,
+        # A hung worker (stalled NFS read) raises after this long instead of holding the job forever;
+        # a dead one is reported at once by the DataLoader's SIGCHLD handler.
+        timeout=cfg.loader_timeout if workers > 0 else 0,
+        worker_init_fn=ignore_stop_signals if workers > 0 else None,
         # Workers draw their seeds from this generator, not the global RNG: resuming stays exact.
         generator=torch.Generator().manual_seed(cfg.seed),
     )
 
 
-def build_eval_loader(cfg: Config, split: str, tokenizer, *, world_size: int = 1, rank: int = 0,
-                      device: torch.device | None = None) -> tuple[DataLoader, Table]:
+def loader_failure(error: RuntimeError, timeout: float) -> LoaderFailure | None:
+    """The DataLoader's own errors for a dead or silent worker, as one actionable line (None for others)."""
+    text = str(error)
+    if "DataLoader timed out" in text:
+        return LoaderFailure(
+            f"no batch from the data loader workers for {timeout:g} s (--loader_timeout): a hung "
+            "file system or a stuck worker. Check the storage, then rerun with --resume auto"
+        )
+    if "DataLoader worker" in text:
+        return LoaderFailure(
+            f"{text.splitlines()[0]} (often out of memory: lower --num_workers or --batch_size), "
+            "then rerun with --resume auto"
+        )
+    return None
+
+
+def build_eval_loader(
+    cfg: Config, split: str, tokenizer, *, world_size: int = 1, rank: int = 0, device: torch.device | None = None
+) -> tuple[DataLoader, Table]:
     table = load_table(cfg, split, train=False)
-    ds = CTReportDataset(table, npz_key=cfg.npz_key, channels=cfg.in_channels, seed=cfg.seed,
-                         on_bad_sample="error")
-    loader = _loader(cfg, ds, EvalSampler(len(ds), world_size, rank), tokenizer,
-                     cfg.eval_batch_size or cfg.batch_size, device or torch.device("cpu"))
+    ds = CTReportDataset(table, npz_key=cfg.npz_key, channels=cfg.in_channels, seed=cfg.seed, on_bad_sample="error")
+    loader = _loader(
+        cfg,
+        ds,
+        EvalSampler(len(ds), world_size, rank),
+        tokenizer,
+        cfg.eval_batch_size or cfg.batch_size,
+        device or torch.device("cpu"),
+    )
     return loader, table
 
 
@@ -160,6 +249,7 @@ def frozen_norm_stats(model: nn.Module):
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG states as uint8 tensors (what `weights_only` loading accepts)."""
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(device)
@@ -172,51 +262,126 @@ def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def truncate_log(path: Path, step: int, step_of) -> None:
+    """Drop the records of steps after `step` (logged by a run killed before it could save them), so a
+    resumed run logs each step once. Rewritten through a temp file: a kill now leaves the old file."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        s = step_of(line)
+        if s is not None and s <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def _jsonl_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a torn last line, or not a record
+        return None
+
+
+def _csv_step(line: str) -> int | None:
+    head = line.split(",", 1)[0]
+    return int(head) if head.isdigit() else (-1 if head == "step" else None)  # keep the header
+
+
 # ----------------------------------------------------------------------------- the trainer
 class SigLIPTrainer:
     """Trains a ChestCTCLIP on a table of (volume, report) pairs; see `train()`."""
 
-    def __init__(self, cfg: Config, model: ChestCTCLIP, train_table: Table, val_table: Table | None, *,
-                 device: torch.device, rank: int = 0, world_size: int = 1, ddp_model: nn.Module | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        model: ChestCTCLIP,
+        train_table: Table,
+        val_table: Table | None,
+        *,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+        ddp_model: nn.Module | None = None,
+    ):
         self.cfg, self.model, self.device = cfg, model, device
         self.rank, self.world_size = rank, world_size
         self.forward_model = ddp_model or model  # DDP wrapper when distributed
         self.is_main = rank == 0
         self.run_dir = Path(cfg.save_dir)
         self.train_table, self.val_table = train_table, val_table
+        self.global_batch = cfg.batch_size * world_size * cfg.grad_accum_steps
+        self.data_fingerprint = table_fingerprint(train_table)
         tokenizer = model.text_encoder.tokenizer
-        self.train_set = CTReportDataset(train_table, npz_key=cfg.npz_key, channels=cfg.in_channels,
-                                         augment=cfg.augment, seed=cfg.seed, on_bad_sample=cfg.on_bad_sample)
-        self.sampler = GlobalBatchSampler(len(self.train_set), cfg.batch_size, world_size=world_size, rank=rank,
-                                          accum=cfg.grad_accum_steps, seed=cfg.seed)
+        self.train_set = CTReportDataset(
+            train_table,
+            npz_key=cfg.npz_key,
+            channels=cfg.in_channels,
+            augment=cfg.augment,
+            seed=cfg.seed,
+            on_bad_sample=cfg.on_bad_sample,
+        )
+        self.sampler = GlobalBatchSampler(
+            len(self.train_set),
+            cfg.batch_size,
+            world_size=world_size,
+            rank=rank,
+            accum=cfg.grad_accum_steps,
+            seed=cfg.seed,
+        )
         self.train_loader = _loader(cfg, self.train_set, self.sampler, tokenizer, cfg.batch_size, device)
         self.val_loader = None
         if val_table is not None:
             ds = CTReportDataset(val_table, npz_key=cfg.npz_key, channels=cfg.in_channels, seed=cfg.seed)
-            self.val_loader = _loader(cfg, ds, EvalSampler(len(ds), world_size, rank), tokenizer,
-                                      cfg.eval_batch_size or cfg.batch_size, device)
+            self.val_loader = _loader(
+                cfg,
+                ds,
+                EvalSampler(len(ds), world_size, rank),
+                tokenizer,
+                cfg.eval_batch_size or cfg.batch_size,
+                device,
+            )
         self.precision = resolve_precision(cfg.precision, device)
         self.autocast = autocast_factory(device, self.precision)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.precision == "fp16")
         self.optimizer = build_optimizer(model, cfg, device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio))
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        )
         self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        self.watchdog = Watchdog(0)  # replaced by an active one while train() runs
         self.step = 0
         self.best: float | None = None
         self.bad_samples = 0
-        self.seen_samples = 0
+        self.skipped_steps = 0
         self.bad_steps_in_row = 0
         self.stop_signal: int | None = None
+        self._new_bad: list[dict] = []  # bad-sample notes since the last step, not yet shared across ranks
+        self._fetching = self._worker_exited = False  # see `_defer_worker_errors`
+        self._sigchld_previous = None
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        """The checkpoint. Collective under torchrun (every rank's RNG state is gathered): call on all ranks."""
         return {
-            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-            "step": self.step, "rng": rng_state(self.device), "config": asdict(self.cfg),
-            "trainer": {"best": self.best, "bad_samples": self.bad_samples, "seen_samples": self.seen_samples,
-                        "world_size": self.world_size},
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "step": self.step,
+            "rng": self._rng_states(),
+            "config": asdict(self.cfg),
+            "trainer": {
+                "best": self.best,
+                "bad_samples": self.bad_samples,
+                "skipped_steps": self.skipped_steps,
+                "world_size": self.world_size,
+                "global_batch": self.global_batch,
+                "data_sha256": self.data_fingerprint,
+            },
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -225,36 +390,72 @@ class SigLIPTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        set_rng_state(state["rng"], self.device)
+        rngs = state["rng"]
+        if len(rngs) == self.world_size:
+            set_rng_state(rngs[self.rank], self.device)
+        else:  # another number of processes: dropout cannot continue exactly anyway; a fresh, seeded stream
+            torch.manual_seed(self.cfg.seed + self.rank + 7919 * self.step)
         t = state["trainer"]
-        self.best, self.bad_samples, self.seen_samples = t["best"], t["bad_samples"], t["seen_samples"]
+        self.best, self.bad_samples, self.skipped_steps = t["best"], t["bad_samples"], t["skipped_steps"]
 
-    def save(self, name: str | None = None) -> Path | None:
-        """Write a checkpoint (rank 0); a failed save stops the run loudly and leaves older ones intact."""
+    def _rng_states(self) -> list[dict[str, torch.Tensor]]:
+        mine = rng_state(self.device)
+        if self.world_size == 1:
+            return [mine]
+        parts = {k: all_gather_tensors(v.to(self.device)) for k, v in mine.items()}
+        return [{k: parts[k][r].cpu() for k in mine} for r in range(self.world_size)]
+
+    def save(self, name: str | None = None) -> Path:
+        """Write a checkpoint (rank 0, all ranks wait); a failed save stops the run loudly, older ones intact."""
         path = self.run_dir / (name or f"step_{self.step:08d}.pt")
-        if self.is_main:
+        state = self.state_dict()
+        if self.is_main and not (name is None and path.exists() and ckpt.verify_checkpoint(path) is None):
             try:
-                ckpt.save_checkpoint(self.state_dict(), path)
+                ckpt.save_checkpoint(state, path)
             except OSError as e:
-                raise SystemExit(f"error: could not save checkpoint {path}: {e}. Earlier checkpoints are intact; "
-                                 "free disk space or fix permissions, then rerun with --resume auto") from None
+                newest = ckpt.find_latest(self.run_dir)
+                msg = (
+                    f"error: could not save checkpoint {path}: {e}. The previous checkpoint "
+                    f"({newest.name if newest else 'none yet'}) is intact; free disk space or fix permissions, "
+                    "then rerun with --resume auto"
+                )
+                log.error(msg, extra=FILE_ONLY)
+                raise SystemExit(msg) from None
             if name is None:
-                ckpt.prune(self.run_dir, self.cfg.keep_last_n)
-        self._barrier()
+                for old in ckpt.prune(self.run_dir, self.cfg.keep_last_n):
+                    log.info("removed old checkpoint %s (--keep_last_n %d)", old.name, self.cfg.keep_last_n)
+        barrier()
         return path
 
     def resume(self) -> None:
-        """`--resume auto|PATH`: continue exactly where a checkpoint stopped."""
+        """`--resume auto|PATH`: continue exactly where a checkpoint stopped, on any number of processes."""
         if not self.cfg.resume:
             return
-        path = ckpt.find_latest(self.run_dir) if self.cfg.resume == "auto" else Path(self.cfg.resume)
+        path = None
+        if self.is_main:  # one rank hashes the candidates; the others load what it chose
+            path = ckpt.find_latest(self.run_dir) if self.cfg.resume == "auto" else Path(self.cfg.resume)
+        path = broadcast_object(path)
         if path is None:
             log.info("--resume auto: no complete checkpoint in %s, starting from scratch", self.run_dir)
             return
-        state = ckpt.load_checkpoint(path)
-        check_config_drift(state["config"], asdict(self.cfg))
+        # find_latest has just hashed it; an explicit path is checked here (by one rank: the file is shared).
+        state = ckpt.load_checkpoint(path, verify=self.is_main and self.cfg.resume != "auto")
+        check_config_drift(state, self.identity(), allow=self.cfg.allow_config_change)
         self.load_state_dict(state)
+        if self.is_main:
+            truncate_log(self.run_dir / "metrics.jsonl", self.step, _jsonl_step)
+            truncate_log(self.run_dir / "bad_samples.csv", self.step, _csv_step)
+        barrier()
         log.info("Resumed from %s at step %d", path, self.step)
+
+    def identity(self) -> dict:
+        """What a checkpoint must share with this run to be continued by it (see `check_config_drift`)."""
+        cfg = asdict(self.cfg)
+        return {
+            "config": {k: cfg[k] for k in RESUME_MUST_MATCH},
+            "global_batch": self.global_batch,
+            "data_sha256": self.data_fingerprint,
+        }
 
     # -- steps -----------------------------------------------------------------------------------
     def _embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
@@ -263,6 +464,14 @@ class SigLIPTrainer:
             img, txt, _ = self.forward_model(images, text, compute_loss=False)
         return img, txt
 
+    def _no_sync(self, skip: bool):
+        """DDP's `no_sync` (gradients accumulate locally, no all-reduce) when `skip`, else nothing."""
+        return (
+            self.forward_model.no_sync()
+            if skip and hasattr(self.forward_model, "no_sync")
+            else contextlib.nullcontext()
+        )
+
     def train_step(self, micro_batches: list[dict]) -> dict[str, float]:
         """One optimizer step over the global batch; returns its loss and gradient norm.
 
@@ -270,10 +479,14 @@ class SigLIPTrainer:
         the SigLIP loss must still pair every image with every text of the global batch, so the step
         first embeds all micro-batches without a graph, computes the loss and its gradient w.r.t. the
         embeddings, then re-runs each micro-batch with a graph (same RNG state, so the same dropout)
-        and back-propagates those embedding gradients: exact, at the cost of one more forward.
+        and back-propagates those embedding gradients: exact, at the cost of one more forward. Under
+        DDP only the last of those backward passes all-reduces the towers' gradients.
         """
         self.model.train()
         loss_fn = self.model.loss_fn
+        # Batch-norm statistics change in the forward pass; a skipped (non-finite) step must not keep them,
+        # or one NaN batch would poison every later step. Buffers are small next to the weights.
+        buffers = [b.clone() for b in self.model.buffers()]
         if len(micro_batches) == 1:
             img, txt = self._embed(micro_batches[0])
             loss = loss_fn(img, txt)
@@ -291,123 +504,271 @@ class SigLIPTrainer:
             loss = loss_fn(img_all, txt_all)
             self.scaler.scale(loss).backward()
             sizes = [len(x) for x in imgs]
-            for mb, state, g_img, g_txt in zip(micro_batches, states, img_all.grad.split(sizes),
-                                               txt_all.grad.split(sizes)):
+            last = len(micro_batches) - 1
+            for k, (mb, state, g_img, g_txt) in enumerate(
+                zip(micro_batches, states, img_all.grad.split(sizes), txt_all.grad.split(sizes))
+            ):
                 set_rng_state(state, self.device)
-                img, txt = self._embed(mb)
-                torch.autograd.backward([img.float(), txt.float()], [g_img, g_txt])
+                with self._no_sync(k < last):
+                    img, txt = self._embed(mb)
+                    torch.autograd.backward([img.float(), txt.float()], [g_img, g_txt])
+        loss_value = self._average_loss_and_scalar_grads(loss)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, clip)
-        loss_value = self._global_mean(loss.detach())
         # With fp16 an overflowing gradient is the scaler's business (it skips the step and lowers
-        # the scale); anything else non-finite is a numerical fault that skips the step here.
+        # the scale); anything else non-finite is a numerical fault that skips the step here. Loss and
+        # norm are the same on every rank (averaged), so every rank takes the same decision.
         finite = bool(torch.isfinite(loss_value)) and (self.scaler.is_enabled() or bool(torch.isfinite(grad_norm)))
         if finite:
             self.scaler.step(self.optimizer)
             self.bad_steps_in_row = 0
         else:
             self.bad_steps_in_row += 1
+            with torch.no_grad():
+                for b, saved in zip(self.model.buffers(), buffers):
+                    b.copy_(saved)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return {"loss": float(loss_value), "grad_norm": float(grad_norm), "finite": finite}
 
-    def _global_mean(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world_size > 1:
-            value = value.clone()
-            torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.AVG)
-        return value
+    def _average_loss_and_scalar_grads(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss value and the gradients of t' and b, averaged over ranks in one all-reduce.
 
-    def _barrier(self) -> None:
-        if self.world_size > 1:
-            torch.distributed.barrier()
+        DDP averages the towers' gradients, but t' and b are used outside its forward (the loss scores
+        embeddings of several micro-batches and ranks), so it is told to ignore them and this does
+        its job for them: same arithmetic, one message of three numbers.
+        """
+        if self.world_size == 1:
+            return loss.detach()
+        lf = self.model.loss_fn
+        params = [p for p in (lf.t_prime, lf.bias) if p.requires_grad and p.grad is not None]
+        buf = torch.stack([loss.detach().float(), *(p.grad.float() for p in params)])
+        torch.distributed.all_reduce(buf)
+        buf /= self.world_size
+        for p, v in zip(params, buf[1:]):
+            p.grad.copy_(v)
+        return buf[0]
 
     def batches(self) -> Iterator[list[dict]]:
         """Global batches (lists of `grad_accum_steps` micro-batches) from the current step on, forever."""
         self.sampler.set_start(self.step)
         while True:
             group: list[dict] = []
-            for batch in self.train_loader:
-                self._account(batch)
+            # A new epoch: persistent workers restart, and their first answer is awaited here already.
+            it = self._from_loader(lambda: iter(self.train_loader))
+            self._defer_worker_errors()
+            while (batch := self._from_loader(functools.partial(next, it, None))) is not None:
+                if "errors" in batch:  # --on_bad_sample error: the message names the file and row
+                    raise_batch_errors(batch)
+                self._new_bad.extend(batch["bad"])
                 group.append(batch)
                 if len(group) == self.cfg.grad_accum_steps:
                     yield group
                     group = []
 
-    def _account(self, batch: dict) -> None:
-        """Bad samples: stop with the file and row (error), or count them and stop above the limit (skip)."""
-        if "errors" in batch:
-            raise_batch_errors(batch)
-        self.seen_samples += len(batch["images"])
-        if batch["bad"]:
-            self.bad_samples += len(batch["bad"])
-            for msg in batch["bad"]:
-                log.warning("bad sample replaced: %s", msg)
-            if self.is_main:
-                with open(self.run_dir / "bad_samples.csv", "a") as f:
-                    f.writelines(f"{self.step},\"{m.replace(chr(34), chr(39))}\"\n" for m in batch["bad"])
-            if self.bad_samples > self.cfg.max_bad_fraction * max(self.seen_samples, len(self.train_set)):
-                raise DataError(f"{self.bad_samples} bad samples exceed --max_bad_fraction "
-                                f"{self.cfg.max_bad_fraction}; see {self.run_dir / 'bad_samples.csv'}")
+    def _from_loader(self, fetch):
+        """`fetch()` from the train loader, with its worker failures as one actionable `LoaderFailure`."""
+        self._fetching = True
+        try:
+            if self._worker_exited:  # a worker died during the last step: report it now
+                self._worker_exited = False
+                torch._C._error_if_any_worker_fails()
+            return fetch()
+        except RuntimeError as e:
+            failure = loader_failure(e, self.cfg.loader_timeout)
+            if failure is None:
+                raise
+            raise failure from None
+        finally:
+            self._fetching = False
+
+    def _defer_worker_errors(self) -> None:
+        """PyTorch's SIGCHLD handler raises "DataLoader worker ... killed" wherever the main thread is, possibly
+        half-way through an optimizer step, leaving nothing consistent to save. Once its handler is installed
+        (by the first worker iterator), replace it by one that raises only while the loop waits for a batch
+        and otherwise remembers, so a dead worker (often the OOM killer) surfaces between steps."""
+        if self.cfg.num_workers == 0 or self._sigchld_previous is not None:
+            return
+
+        def handler(signum, frame):
+            if self._fetching:
+                torch._C._error_if_any_worker_fails()
+            else:
+                self._worker_exited = True
+
+        with contextlib.suppress(ValueError):  # not the main thread: keep PyTorch's behaviour
+            self._sigchld_previous = signal.signal(signal.SIGCHLD, handler)
+
+    def _next_global_batch(self, data: Iterator[list[dict]]) -> list[dict]:
+        """The next step's micro-batches, once every rank agrees that no rank failed or was signalled.
+
+        One all-gather of three ints per step: (fault, signal number, new bad samples). On a fault
+        anywhere every rank saves the step reached and stops; on a signal anywhere, likewise with
+        exit status 128 + signal.
+        """
+        fault: Exception | None = None
+        micro: list[dict] = []
+        try:
+            micro = next(data)
+        except (DataError, LoaderFailure) as e:
+            fault = e
+        status = gather_ints([fault is not None, self.stop_signal or 0, len(self._new_bad)], self.device)
+        if any(s[2] for s in status):
+            fault = self._record_bad_samples() or fault
+        if fault is not None or any(s[0] for s in status):
+            messages = all_gather_objects(None if fault is None else str(fault))
+            if self.step > 0:  # keep what was trained
+                self.save()
+            if fault is not None:
+                raise fault
+            rank, msg = next((r, m) for r, m in enumerate(messages) if m)
+            raise PeerFailure(f"rank {rank} stopped the run: {msg}")
+        signum = max(s[1] for s in status)
+        if signum:
+            log.warning(
+                "signal %d (%s): saving step %d, then exiting with %d",
+                signum,
+                signal.Signals(signum).name,
+                self.step,
+                128 + signum,
+            )
+            self.save()
+            self.metrics.close()
+            raise SystemExit(128 + signum)
+        return micro
+
+    def _record_bad_samples(self) -> DataError | None:
+        """Bad samples replaced since the last step (all ranks): log, count, append to bad_samples.csv; an
+        error once they exceed --max_bad_fraction of the samples seen (or of the data set, early on)."""
+        notes = [n for part in all_gather_objects(self._new_bad) for n in part]
+        self._new_bad = []
+        self.bad_samples += len(notes)
+        path = self.run_dir / "bad_samples.csv"
+        if self.is_main:
+            for n in notes:
+                log.warning("bad sample replaced: %s", n["message"])
+            new_file = not path.exists()
+            with open(path, "a", newline="") as f:
+                w = csv.writer(f)
+                if new_file:
+                    w.writerow(["step", "path", "row", "problem"])
+                w.writerows([self.step + 1, n["path"], n["row"], n["problem"]] for n in notes)
+        seen = (self.step + 1) * self.global_batch
+        if self.bad_samples > self.cfg.max_bad_fraction * max(seen, len(self.train_set)):
+            return DataError(
+                f"{self.bad_samples} bad samples in {seen} exceed --max_bad_fraction {self.cfg.max_bad_fraction}",
+                path=str(path),
+                hint="fix or remove the files listed there",
+            )
+        return None
 
     # -- evaluation --------------------------------------------------------------------------------
     def validate(self) -> dict[str, float]:
+        """Validation metrics over the whole split: each rank embeds its shard, rank 0 scores them all, and
+        every rank gets the result (so all take the same "best" decision)."""
         if self.val_loader is None:
             return {}
-        emb = compute_embeddings(self.model, self.val_loader, self.device, self.precision, progress=self.is_main)
-        labels = {c: self.val_table.frame[c].to_numpy() for c in self.val_table.label_columns}
-        metrics = evaluate_embeddings(emb, labels=labels,
-                                      encode_text=text_encoder_fn(self.model, self.device, self.autocast))
-        self.metrics.log(self.step, metrics)
-        if self.is_main:
-            tqdm.write(format_table(metrics, title=f"Validation at step {self.step}"))
+        # Validation has no step to beat the watchdog with; its loader has --loader_timeout.
+        with self.watchdog.paused():
+            with self.model.loss_fn.local():
+                emb = self._embeddings()
+            metrics: dict[str, float] = {}
+            if self.is_main:
+                labels = {c: self.val_table.frame[c].to_numpy() for c in self.val_table.label_columns}
+                metrics = evaluate_embeddings(
+                    emb, labels=labels, encode_text=text_encoder_fn(self.model, self.device, self.autocast)
+                )
+                self.metrics.log(self.step, metrics)
+                tqdm.write(format_table(metrics, title=f"Validation at step {self.step}"))
+            metrics = broadcast_object(metrics)
         value = metrics.get(self.cfg.best_metric)
-        if value is not None and math.isfinite(value) and (
-                self.best is None or (value > self.best if self.cfg.best_is_max else value < self.best)):
+        if (
+            value is not None
+            and math.isfinite(value)
+            and (self.best is None or (value > self.best if self.cfg.best_is_max else value < self.best))
+        ):
             self.best = value
             self.save("best.pt")
         return metrics
+
+    def _embeddings(self) -> dict:
+        """Validation embeddings in data-set order, gathered from every rank; the loss over them is the
+        mean over batches of the evaluation batch size, as one process would compute it."""
+        if len(self.val_loader.sampler):
+            emb = compute_embeddings(self.model, self.val_loader, self.device, self.precision, progress=self.is_main)
+        else:  # more ranks than validation samples
+            empty = torch.zeros(0, self.cfg.embed_dim)
+            emb = {"image": empty, "text": empty.clone(), "index": torch.zeros(0, dtype=torch.long), "loss": math.nan}
+        if self.world_size == 1:
+            return emb
+        index = torch.cat(all_gather_rows(emb["index"], self.device))
+        order = index.argsort()
+        out = {k: torch.cat(all_gather_rows(emb[k], self.device))[order] for k in ("image", "text")}
+        out["index"] = index[order]
+        bs = self.cfg.eval_batch_size or self.cfg.batch_size
+        with torch.no_grad():
+            losses = [
+                float(
+                    self.model.loss_fn(
+                        out["image"][i : i + bs].to(self.device), out["text"][i : i + bs].to(self.device)
+                    )
+                )
+                * len(out["image"][i : i + bs])
+                for i in range(0, len(index), bs)
+            ]
+        out["loss"] = sum(losses) / max(len(index), 1)
+        return out
 
     # -- the loop ----------------------------------------------------------------------------------
     def train(self) -> dict[str, float]:
         """Train to `--max_steps`; validate, log and save on their intervals; stop cleanly on a signal."""
         cfg = self.cfg
         self.resume()
-        self._install_signal_handlers()
         data = self.batches()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.is_main, dynamic_ncols=True)
-        last_val: dict[str, float] = {}
+        self.watchdog = Watchdog(cfg.watchdog_timeout, describe=lambda: f"rank {self.rank}, at step {self.step + 1}")
         try:
-            last_val = self._loop(data, bar)
-        except DataError:
-            if self.step > 0:  # keep what was trained; the message names the bad file and row
-                self.save()
-            raise
-        bar.close()
-        if not last_val or self.step % max(cfg.eval_interval, 1) != 0:
-            last_val = self.validate()
+            with self._signal_handlers(), self.watchdog:
+                last_val = self._loop(data, bar)
+                bar.close()
+                if not last_val or self.step % max(cfg.eval_interval, 1) != 0:
+                    last_val = self.validate()
+        finally:
+            data.close()
+            self.close_loaders()
         self.metrics.close()
         return last_val
+
+    def close_loaders(self) -> None:
+        """Stop the loader workers now, whatever ended the run. Left to the garbage collector (the trainer
+        sits in reference cycles), they would outlive it: the collector finalizes the loader's queues before
+        the iterator can send its workers the stop message, which then waits 2 x 5 s per worker in vain."""
+        for loader in (self.train_loader, self.val_loader):
+            it = getattr(loader, "_iterator", None)  # persistent workers: DataLoader has no public close()
+            if it is not None and hasattr(it, "_shutdown_workers"):
+                it._shutdown_workers()
+                loader._iterator = None
 
     def _loop(self, data: Iterator[list[dict]], bar: tqdm) -> dict[str, float]:
         cfg = self.cfg
         t0, samples = time.perf_counter(), 0
         last_val: dict[str, float] = {}
         while self.step < cfg.max_steps:
-            out = self.train_step(next(data))
+            micro = self._next_global_batch(data)
+            out = self.train_step(micro)
             self.step += 1
-            samples += cfg.batch_size * cfg.grad_accum_steps * self.world_size
+            self.watchdog.beat()
+            samples += self.global_batch
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}")
             if not out["finite"]:
-                log.warning("step %d: non-finite loss or gradient, step skipped (%d in a row)",
-                            self.step, self.bad_steps_in_row)
-                if self.bad_steps_in_row >= cfg.max_bad_steps:
-                    self.save()
-                    raise SystemExit(f"error: {self.bad_steps_in_row} non-finite steps in a row; saved step "
-                                     f"{self.step}. Lower --learning_rate or use --precision bf16/fp32.")
+                self._on_nonfinite(out)
+            if cfg.log_sample_ids:
+                ids = torch.cat([b["index"] for b in micro]).to(self.device)
+                self.metrics.log(self.step, {"train/sample_ids": torch.cat(all_gather_tensors(ids)).tolist()})
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 elapsed = time.perf_counter() - t0
                 self._log_train(out, samples / max(elapsed, 1e-9))
@@ -416,73 +777,175 @@ class SigLIPTrainer:
                 last_val = self.validate()
             if self.step % cfg.save_interval == 0 or self.step == cfg.max_steps:
                 self.save()
-            if self.stop_signal is not None:
-                self._stop_on_signal()
         return last_val
+
+    def _on_nonfinite(self, out: dict) -> None:
+        self.skipped_steps += 1
+        log.warning(
+            "step %d: non-finite loss or gradient (loss %s, gradient norm %s); step skipped, %d in a row",
+            self.step,
+            out["loss"],
+            out["grad_norm"],
+            self.bad_steps_in_row,
+        )
+        self.metrics.log(self.step, {"train/skipped_steps": self.skipped_steps})
+        if self.bad_steps_in_row >= self.cfg.max_bad_steps:
+            self.save()
+            msg = (
+                f"error: {self.bad_steps_in_row} non-finite steps in a row (--max_bad_steps); saved step "
+                f"{self.step}. Lower --learning_rate, set --grad_clip, or use --precision bf16/fp32, then "
+                "--resume auto"
+            )
+            log.error(msg, extra=FILE_ONLY)
+            raise SystemExit(msg)
 
     def _log_train(self, out: dict, throughput: float) -> None:
         lr = self.scheduler.get_last_lr()[0]
         loss_fn = self.model.loss_fn
-        metrics = {"train/loss": out["loss"], "train/lr": lr, "train/t": loss_fn.t.item(), "train/b": loss_fn.b.item(),
-                   "train/grad_norm": out["grad_norm"], "train/samples_per_s": throughput,
-                   "train/bad_samples": self.bad_samples}
+        metrics = {
+            "train/loss": out["loss"],
+            "train/lr": lr,
+            "train/t": loss_fn.t.item(),
+            "train/b": loss_fn.b.item(),
+            "train/grad_norm": out["grad_norm"],
+            "train/samples_per_s": throughput,
+            "train/bad_samples": self.bad_samples,
+            "train/skipped_steps": self.skipped_steps,
+        }
         self.metrics.log(self.step, metrics)
         if self.is_main:
             tqdm.write(f"Step {self.step}: Loss = {out['loss']:.4f}, LR = {lr:.2e}")
 
-    def _install_signal_handlers(self) -> None:
+    @contextlib.contextmanager
+    def _signal_handlers(self) -> Iterator[None]:
+        """SIGTERM/SIGINT/SIGUSR1 only set a flag (no I/O in the handler: it may interrupt a print); the loop
+        finishes the step, saves and exits with 128 + signal. A second signal exits at once."""
+
         def handler(signum, frame):
-            if self.stop_signal is not None:  # a second signal: leave at once
+            if self.stop_signal is not None:
+                os.write(2, f"\nsignal {signum} again: exiting now without saving\n".encode())
                 os._exit(128 + signum)
             self.stop_signal = signum
-            log.warning("signal %d: finishing step %d, saving, then exiting", signum, self.step)
 
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            with contextlib.suppress(ValueError):  # not the main thread
-                signal.signal(sig, handler)
+        previous = {}
+        for sig in STOP_SIGNALS:
+            with contextlib.suppress(ValueError):  # not the main thread: leave the handlers alone
+                previous[sig] = signal.signal(sig, handler)
+        try:
+            yield
+        finally:
+            for sig, old in previous.items():
+                signal.signal(sig, old)
+            if self._sigchld_previous is not None:
+                signal.signal(signal.SIGCHLD, self._sigchld_previous)
 
-    def _stop_on_signal(self) -> None:
-        self.save()
-        self.metrics.close()
-        raise SystemExit(128 + self.stop_signal)
 
-
-def check_config_drift(saved: dict, current: dict) -> None:
-    changed = [k for k in RESUME_MUST_MATCH if saved.get(k) != current.get(k)]
-    if changed and current.get("allow_config_change"):
-        log.warning("resuming with changed settings (--allow_config_change): %s", ", ".join(changed))
+def check_config_drift(state: dict, current: dict, *, allow: bool = False) -> None:
+    """Refuse to continue a checkpoint whose model settings, global batch or training rows differ from this
+    run's (its steps would not mean the same thing); with `allow`, only log the differences."""
+    saved_cfg, t = state["config"], state["trainer"]
+    changed = [f"--{k} {saved_cfg.get(k)!r} -> {v!r}" for k, v in current["config"].items() if saved_cfg.get(k) != v]
+    if t.get("global_batch") != current["global_batch"]:
+        changed.append(
+            f"global batch (batch_size x processes x grad_accum_steps) {t.get('global_batch')} -> "
+            f"{current['global_batch']}"
+        )
+    if t.get("data_sha256") != current["data_sha256"]:
+        changed.append("the training rows (image paths or reports of the split) changed")
+    if changed and allow:
+        log.warning("resuming with changed settings (--allow_config_change): %s", "; ".join(changed))
     elif changed:
-        detail = ", ".join(f"--{k} {saved.get(k)!r} -> {current.get(k)!r}" for k in changed)
-        raise ConfigError(f"cannot resume: settings differ from the checkpoint's ({detail}); "
-                          "use a new --save_dir, or --allow_config_change")
+        raise ConfigError(
+            f"cannot resume: this run differs from the checkpoint's: {'; '.join(changed)}. Use a new "
+            "--save_dir, restore the settings, or pass --allow_config_change"
+        )
 
 
 def load_model_from_checkpoint(path: str | Path, *, device: torch.device) -> tuple[ChestCTCLIP, dict, int]:
     """Rebuild the model a checkpoint was trained with and load its weights (strict)."""
     state = ckpt.load_checkpoint(path)
     cfg = Config.from_dict(state["config"])
-    cfg_for_build = Config.from_dict({**state["config"], "image_weights": "none", "text_model_path": None,
-                                      "init_from": None})
+    cfg_for_build = Config.from_dict(
+        {**state["config"], "image_weights": "none", "text_model_path": None, "init_from": None}
+    )
     model = build_model(cfg_for_build, device=device)
     model.load_state_dict(state["model"])
     return model, asdict(cfg), int(state.get("step", 0))
 
 
 # ----------------------------------------------------------------------------- entry point
+FILE_ONLY = {"file_only": True}  # `extra=` for a record the console already shows (on stderr)
+
+
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    console = logging.StreamHandler(sys.stdout)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
+    handlers: list[logging.Handler] = [console]
     if run_dir is not None and is_main:
         handlers.append(logging.FileHandler(run_dir / "train.log"))
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING, format="%(message)s",
-                        handlers=handlers, force=True)
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING, format="%(message)s", handlers=handlers, force=True
+    )
+
+
+def preflight_tables(
+    cfg: Config, train: Table, val: Table | None, run_dir: Path, rank: int, world_size: int
+) -> Table | None:
+    """Check every file before step 1 (see `preflight`). With --on_bad_sample error any bad file stops the
+    run here; with skip, bad training rows are replaced when drawn (counted) unless there are too many,
+    and bad validation rows are left out. Returns the validation table to use."""
+    from .preflight import CACHE_NAME, run_preflight
+
+    tables = [t for t in (train, val) if t is not None]
+    errors = run_preflight(
+        tables,
+        npz_key=cfg.npz_key,
+        channels=cfg.in_channels,
+        workers=cfg.num_workers,
+        cache_file=run_dir / CACHE_NAME,
+        rank=rank,
+        world_size=world_size,
+        exchange=all_gather_objects,
+    )
+    if not errors:
+        return val
+    listing = run_dir / "preflight_errors.csv"
+    if rank == 0:
+        with open(listing, "w", newline="") as f:
+            csv.writer(f).writerows([["path", "row", "problem"], *[[e.path, e.row, e.problem] for e in errors]])
+    first = errors[0]
+    if cfg.on_bad_sample == "error":
+        more = f"; {len(errors) - 1} more bad rows in {listing}" if len(errors) > 1 else ""
+        raise DataError(
+            first.problem,
+            path=first.path,
+            row=first.row,
+            hint=f"{first.hint or 'fix the file'}{more}; --on_bad_sample skip replaces bad samples",
+        )
+    train_paths = set(train.frame["path"])
+    n_train = sum(e.path in train_paths for e in errors)
+    if n_train > cfg.max_bad_fraction * len(train):
+        raise DataError(
+            f"{n_train} of {len(train)} training rows are bad, above --max_bad_fraction {cfg.max_bad_fraction}",
+            path=str(listing),
+            hint="fix or remove the files listed there",
+        )
+    log.warning("Preflight: %d bad training rows will be replaced when drawn (listed in %s)", n_train, listing)
+    if val is not None:
+        bad = {e.path for e in errors}
+        keep = ~val.frame["path"].isin(bad)
+        if not keep.all():
+            log.warning(
+                "Preflight: %s of the validation split left out (bad files)", rows_text(val.frame["row"][~keep])
+            )
+            val = Table(val.frame[keep].reset_index(drop=True), val.source, val.label_columns, val.missing_reports)
+    return val
 
 
 def run(cfg: Config) -> dict[str, float]:
     """Build everything from a resolved config and train; returns the final validation metrics."""
-    from .distributed import init_distributed
-
-    rank, world_size, local_rank = init_distributed()
     device = resolve_device(cfg.device)
+    rank, world_size, local_rank = init_distributed(device.type, cfg.dist_timeout)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -493,14 +956,26 @@ def run(cfg: Config) -> dict[str, float]:
     train_table = load_table(cfg, cfg.train_split, train=True)
     val_table = load_table(cfg, cfg.val_split, train=False)
     log.info("Loading training data from: %s", train_table.source)
-    log.info("Found %d training samples%s", len(train_table),
-             f" and {len(val_table)} validation samples" if val_table is not None else " (no validation split)")
+    log.info(
+        "Found %d training samples%s",
+        len(train_table),
+        f" and {len(val_table)} validation samples" if val_table is not None else " (no validation split)",
+    )
     for name, table in (("train", train_table), ("val", val_table)):
         if table is not None and table.missing_reports:
-            log.warning("%d %s samples have no report; using %r", table.missing_reports, name,
-                        cfg.missing_report_text)
+            log.warning(
+                "%d %s samples have no report (%s, %s); using %r",
+                table.missing_reports,
+                name,
+                table.source,
+                rows_text(table.missing_report_rows),
+                cfg.missing_report_text,
+            )
+    if cfg.preflight:
+        val_table = preflight_tables(cfg, train_table, val_table, run_dir, rank, world_size)
     if rank == 0:
         cfg.save(run_dir / "config.json")
+        ckpt.remove_stale_temps(run_dir)
     log.info("Creating model...")
     text_dtype = torch.bfloat16 if device.type == "cuda" and cfg.text_train in ("lora", "frozen") else None
     model = build_model(cfg, device=device, rank=rank, world_size=world_size, text_dtype=text_dtype)
@@ -513,12 +988,21 @@ def run(cfg: Config) -> dict[str, float]:
     log.info("Trainable parameters: %s", f"{trainable:,}")
     ddp_model = None
     if world_size > 1:
+        # t' and b are used by the loss outside DDP's forward; the trainer averages their gradients itself.
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(
+            model, [n for n, _ in model.loss_fn.named_parameters(prefix="loss_fn")]
+        )
         ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False)
-    trainer = SigLIPTrainer(cfg, model, train_table, val_table, device=device, rank=rank, world_size=world_size,
-                            ddp_model=ddp_model)
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=False
+        )
+    trainer = SigLIPTrainer(
+        cfg, model, train_table, val_table, device=device, rank=rank, world_size=world_size, ddp_model=ddp_model
+    )
     log.info("Starting training...")
-    return trainer.train()
+    metrics = trainer.train()
+    if world_size > 1:
+        torch.distributed.destroy_process_group()
+    return metrics
 
 
 def probe_writable(run_dir: Path) -> None:
@@ -532,7 +1016,13 @@ def probe_writable(run_dir: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: `python siglip_trainer.py --csv_file data.csv ...` (or `--demo`)."""
+    """CLI entry point: `python siglip_trainer.py --csv_file data.csv ...` (or `--demo`).
+
+    Exit status: 0 done; 1 a fatal run error (failed save, dead or hung loader, another rank failed,
+    non-finite steps), after saving what was trained where possible; 2 bad data, settings or checkpoint
+    (one line naming the file, row and fix); 124 the watchdog saw no progress; 128 + N stopped by signal N
+    after saving.
+    """
     cfg = parse_config(argv)
     if cfg.demo:
         from .demo import demo_config
@@ -540,9 +1030,14 @@ def main(argv: list[str] | None = None) -> int:
         cfg = demo_config(cfg, argv)
     try:
         metrics = run(cfg)
-    except (DataError, ConfigError) as e:
+    except (DataError, ConfigError, ckpt.CheckpointError) as e:
+        log.error("error: %s", e, extra=FILE_ONLY)
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (LoaderFailure, PeerFailure) as e:
+        log.error("error: %s", e, extra=FILE_ONLY)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     if cfg.demo and metrics:
         from .demo import print_demo_summary
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures as cf
+import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -144,11 +145,13 @@ def validate_csv(
         if not isinstance(text, str) or not text.strip():
             problems[i].append(("report", "empty report"))
 
-    # Each distinct file is loaded once; threads suffice because zlib and numpy release the GIL.
+    # Each distinct file is loaded once, in forked processes: numpy parses NPZ headers with `ast`, which is
+    # not thread-safe on every Python 3.11 release (a rare SystemError under a thread pool).
     unique = list(first_seen)
     workers = workers or min(8, os.cpu_count() or 1)
     images: dict[str, dict[str, Any]] = {}
-    with cf.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+    ctx = multiprocessing.get_context("fork")
+    with cf.ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
         futures = {pool.submit(_check_image, p, npz_key, channels, check_values): p for p in unique}
         for fut in tqdm(
             cf.as_completed(futures),

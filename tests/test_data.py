@@ -13,9 +13,11 @@ from torch.utils.data import DataLoader
 from ct_siglip.data import (
     Collator,
     CTReportDataset,
+    EvalSampler,
     GlobalBatchSampler,
     read_csv_table,
     read_directory_table,
+    table_fingerprint,
 )
 from ct_siglip.errors import DataError
 
@@ -32,10 +34,22 @@ def test_csv_paths_resolve_against_the_csv_folder_and_split_filters(small_csv, t
 def test_renamed_columns_and_placeholder_for_missing_reports(tmp_path):
     write_npz(tmp_path / "a.npz")
     write_npz(tmp_path / "b.npz")
-    pd.DataFrame({"image_file": ["a.npz", "b.npz"], "report_text": ["Effusion.", None],
-                  "data_split": ["train", "train"], "extra": [1, 2]}).to_csv(tmp_path / "d.csv", index=False)
-    table = read_csv_table(tmp_path / "d.csv", "train", img_path_column="image_file",
-                           findings_column="report_text", split_column="data_split", missing_report_text="N/A")
+    pd.DataFrame(
+        {
+            "image_file": ["a.npz", "b.npz"],
+            "report_text": ["Effusion.", None],
+            "data_split": ["train", "train"],
+            "extra": [1, 2],
+        }
+    ).to_csv(tmp_path / "d.csv", index=False)
+    table = read_csv_table(
+        tmp_path / "d.csv",
+        "train",
+        img_path_column="image_file",
+        findings_column="report_text",
+        split_column="data_split",
+        missing_report_text="N/A",
+    )
     assert table.frame["text"].tolist() == ["Effusion.", "N/A"]
     assert table.missing_reports == 1
 
@@ -87,7 +101,9 @@ def test_loader_tokenizes_in_workers_and_batches_are_independent_of_worker_count
     def run(workers):
         sampler = GlobalBatchSampler(len(ds), 4, seed=0)
         loader = DataLoader(ds, batch_size=4, sampler=sampler, num_workers=workers, collate_fn=Collator(_toy_tokenize))
-        return [(b["index"].tolist(), b["images"].float().sum().item(), b["text"]["input_ids"].tolist()) for b in loader]
+        return [
+            (b["index"].tolist(), b["images"].float().sum().item(), b["text"]["input_ids"].tolist()) for b in loader
+        ]
 
     assert run(0) == run(2)
 
@@ -102,7 +118,7 @@ def test_global_batches_are_the_same_set_for_any_world_size_and_resume_mid_epoch
             s.set_start(start)
             per_rank.append([i for i, _ in s])
         g = b * accum
-        return [sorted(i for p in per_rank for i in p[k * g:(k + 1) * g]) for k in range(len(per_rank[0]) // g)]
+        return [sorted(i for p in per_rank for i in p[k * g : (k + 1) * g]) for k in range(len(per_rank[0]) // g)]
 
     one = steps(1, 6)
     assert one == steps(2, 3) == steps(3, 2) == steps(6, 1)
@@ -128,3 +144,21 @@ def test_light_augmentation_never_flips_sides():
     img[..., :, 12:] = 1.0  # bright on one side of W
     out = light_augment(img, np.random.default_rng(0))
     assert out[..., :, 8:].mean() > 0.3 > 0.1 > out[..., :, :8].mean()
+
+
+@pytest.mark.parametrize(("n", "world"), [(5, 2), (4, 3), (2, 3), (7, 1)])
+def test_eval_shards_are_contiguous_blocks_in_rank_order(n, world):
+    shards = [[i for i, _ in EvalSampler(n, world, r)] for r in range(world)]
+    assert [i for s in shards for i in s] == list(range(n))  # concatenated in rank order: data-set order
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
+
+
+def test_fingerprint_follows_the_rows_not_where_the_data_set_lives(small_csv, tmp_path):
+    before = table_fingerprint(read_csv_table(small_csv, "train"))
+    moved = tmp_path.parent / (tmp_path.name + "_moved")
+    tmp_path.rename(moved)
+    assert table_fingerprint(read_csv_table(moved / "data.csv", "train")) == before
+    df = pd.read_csv(moved / "data.csv")
+    df.loc[0, "findings"] = "Another report."
+    df.to_csv(moved / "data.csv", index=False)
+    assert table_fingerprint(read_csv_table(moved / "data.csv", "train")) != before

@@ -18,14 +18,55 @@ from ct_siglip.runlog import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine spinning OpenMP threads make tiny steps 10x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _losses(run_dir):
     return {r["step"]: r["train/loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "train/loss" in r}
 
 
 def test_help_lists_every_flag_of_the_cli_contract():
-    out = subprocess.run([sys.executable, "siglip_trainer.py", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
-    contract = ["csv_file", "train_split", "val_split", "findings_column", "img_path_column", "split_column", "train_data_dir", "val_data_dir", "text_reports_path", "text_model_path", "temperature", "freeze_image_backbone", "batch_size", "learning_rate", "weight_decay", "warmup_steps", "max_steps", "num_workers", "save_dir", "log_interval", "save_interval", "precision", "grad_accum_steps", "grad_clip", "resume", "init_from", "demo", "eval_interval", "seed", "label_columns"]
+    out = subprocess.run(
+        [sys.executable, "siglip_trainer.py", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    contract = [
+        "csv_file",
+        "train_split",
+        "val_split",
+        "findings_column",
+        "img_path_column",
+        "split_column",
+        "train_data_dir",
+        "val_data_dir",
+        "text_reports_path",
+        "text_model_path",
+        "temperature",
+        "freeze_image_backbone",
+        "batch_size",
+        "learning_rate",
+        "weight_decay",
+        "warmup_steps",
+        "max_steps",
+        "num_workers",
+        "save_dir",
+        "log_interval",
+        "save_interval",
+        "precision",
+        "grad_accum_steps",
+        "grad_clip",
+        "resume",
+        "init_from",
+        "demo",
+        "eval_interval",
+        "seed",
+        "label_columns",
+    ]
     flags = set(re.findall(r"--(\w+)", out))
     assert not [f for f in contract if f not in flags]
     for group in ("CSV data (recommended)", "Legacy data (directory mode)", "Model", "Training", "Logging and saving"):
@@ -34,8 +75,14 @@ def test_help_lists_every_flag_of_the_cli_contract():
 
 def test_training_lowers_the_loss_and_writes_outputs(small_csv, tmp_path, tiny_llama_dir):
     run = tmp_path / "run"
-    assert siglip_trainer.main(tiny_args(small_csv, run, tiny_llama_dir, "--max_steps", "30",
-                                         "--save_interval", "15", "--label_columns", "auto")) == 0
+    assert (
+        siglip_trainer.main(
+            tiny_args(
+                small_csv, run, tiny_llama_dir, "--max_steps", "30", "--save_interval", "15", "--label_columns", "auto"
+            )
+        )
+        == 0
+    )
     losses = _losses(run)
     first, last = sum(losses[s] for s in range(1, 6)) / 5, sum(losses[s] for s in range(26, 31)) / 5
     assert last < 0.5 * first
@@ -58,7 +105,14 @@ def test_resume_after_sigterm_continues_exactly(small_csv, tmp_path, tiny_llama_
 
     part = tmp_path / "part"
     cmd = [sys.executable, "siglip_trainer.py", *tiny_args(small_csv, part, tiny_llama_dir, *args)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if (part / "metrics.jsonl").is_file() and len(_losses(part)) >= 3:
@@ -83,8 +137,12 @@ def test_accumulated_micro_batches_give_the_global_batch_loss(small_csv, tmp_pat
     common = ["--max_steps", "3", "--freeze_image_backbone", "--save_interval", "100", "--grad_clip", "0"]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert siglip_trainer.main(tiny_args(small_csv, whole, tiny_llama_dir, *common, "--batch_size", "8")) == 0
-    assert siglip_trainer.main(tiny_args(small_csv, split, tiny_llama_dir, *common, "--batch_size", "4",
-                                         "--grad_accum_steps", "2")) == 0
+    assert (
+        siglip_trainer.main(
+            tiny_args(small_csv, split, tiny_llama_dir, *common, "--batch_size", "4", "--grad_accum_steps", "2")
+        )
+        == 0
+    )
     lw, ls = _losses(whole), _losses(split)
     # float32 with a different summation order of the same terms: 1e-5 relative.
     assert all(ls[s] == pytest.approx(lw[s], rel=1e-5) for s in lw)
