@@ -58,7 +58,7 @@ def raise_batch_errors(batch: dict) -> None:
 
 def evaluate_embeddings(emb: dict[str, torch.Tensor], *, labels: dict[str, np.ndarray] | None = None,
                         encode_text: Callable[[list[str]], torch.Tensor] | None = None,
-                        prefix: str = "val/") -> dict[str, float]:
+                        prefix: str = "val/", scores_out: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Metrics under the spec's names: loss, i2t/t2i R@1/5/10 and zero-shot AUROC per label and mean."""
     out: dict[str, float] = {f"{prefix}loss": emb["loss"]}
     sim = emb["image"] @ emb["text"].T
@@ -66,7 +66,12 @@ def evaluate_embeddings(emb: dict[str, torch.Tensor], *, labels: dict[str, np.nd
     if labels and encode_text is not None:
         order = emb["index"].numpy()
         ordered = {name: np.asarray(values)[order] for name, values in labels.items()}
-        out.update({f"{prefix}{k}": v for k, v in zero_shot_auroc(emb["image"], encode_text, ordered).items()})
+        scores: dict[str, np.ndarray] = {}
+        auroc = zero_shot_auroc(emb["image"], encode_text, ordered, scores_out=scores)
+        out.update({f"{prefix}{k}": v for k, v in auroc.items()})
+        if scores_out is not None:  # `score_<label>` / `label_<label>` arrays, as ct_siglip.plots reads them
+            scores_out.update({f"score_{k}": v for k, v in scores.items()})
+            scores_out.update({f"label_{k}": v for k, v in ordered.items()})
     return out
 
 
@@ -126,10 +131,13 @@ def main(argv: list[str] | None = None) -> int:
     loader, table = build_eval_loader(cfg, args.split, model.text_encoder.tokenizer)
     emb = compute_embeddings(model, loader, device, precision)
     labels = {c: table.frame[c].to_numpy() for c in table.label_columns}
+    scores: dict[str, np.ndarray] = {}
     metrics = evaluate_embeddings(emb, labels=labels, encode_text=text_encoder_fn(model, device, autocast),
-                                  prefix=f"{args.split}/")
+                                  prefix=f"{args.split}/", scores_out=scores)
     out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if scores:
+        np.savez(out_dir / f"zeroshot_{args.split}.npz", **scores)  # ROC curves: python -m ct_siglip.plots
     MetricsLogger(out_dir, tensorboard=False).log(step, metrics)
     if args.save_embeddings:
         path = out_dir / f"embeddings_{args.split}.pt"

@@ -106,11 +106,13 @@ def zero_shot_auroc(
     encode_text: Callable[[list[str]], Tensor],
     labels: Mapping[str, Sequence | np.ndarray | Tensor],
     templates: Sequence[tuple[str, str]] = ZERO_SHOT_TEMPLATES,
+    scores_out: dict[str, np.ndarray] | None = None,
 ) -> dict[str, float]:
     """Zero-shot AUROC per label: score each image with `zero_shot_scores`, compare with the 0/1/-1 labels.
 
     `encode_text(texts) -> (len(texts), E)` is called once with every prompt of every label. Returns
-    `{"zeroshot_auroc/<label>": auc, ..., "zeroshot_auroc_mean": mean over labels with a defined AUC}`.
+    `{"zeroshot_auroc/<label>": auc, ..., "zeroshot_auroc_mean": mean over labels with a defined AUC}`;
+    `scores_out`, when given, receives each label's scores.
     """
     names = list(labels)
     if not names or not templates:
@@ -120,8 +122,10 @@ def zero_shot_auroc(
     emb = torch.as_tensor(emb).reshape(len(names), 2, len(templates), -1)
     out: dict[str, float] = {}
     for i, name in enumerate(names):
-        scores = zero_shot_scores(image_emb, emb[i, 0], emb[i, 1])
-        out[f"zeroshot_auroc/{name}"] = roc_auc(scores.cpu().numpy(), labels[name])
+        scores = zero_shot_scores(image_emb, emb[i, 0], emb[i, 1]).cpu().numpy()
+        out[f"zeroshot_auroc/{name}"] = roc_auc(scores, labels[name])
+        if scores_out is not None:  # for ROC curves (ct_siglip.plots)
+            scores_out[name] = scores
     defined = [v for v in out.values() if not np.isnan(v)]
     out["zeroshot_auroc_mean"] = float(np.mean(defined)) if defined else float("nan")
     return out

@@ -15,15 +15,26 @@ class MetricsLogger:
 
     def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
         self.enabled = enabled
-        self.path = Path(run_dir) / "metrics.jsonl"
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / "metrics.jsonl"
+        self.use_tb = enabled and tensorboard
         self.tb = None
-        if enabled and tensorboard:
+        self.purge_step: int | None = None
+
+    def purge_after(self, step: int) -> None:
+        """On resume: TensorBoard hides the events a killed run logged after its checkpoint's `step`
+        (metrics.jsonl is truncated by the trainer)."""
+        self.purge_step = step + 1
+
+    def _writer(self):
+        if self.tb is None and self.use_tb:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tensorboard"))
+                self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
             except ImportError:  # tensorboard is optional at run time
-                self.tb = None
+                self.use_tb = False
+        return self.tb
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -32,11 +43,12 @@ class MetricsLogger:
         record.update({k: _plain(v) for k, v in metrics.items()})
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
+        tb = self._writer()
+        if tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(k, v, step)
-            self.tb.flush()
+                    tb.add_scalar(k, v, step)
+            tb.flush()
 
     def close(self) -> None:
         if self.tb is not None:

@@ -445,6 +445,7 @@ class SigLIPTrainer:
         if self.is_main:
             truncate_log(self.run_dir / "metrics.jsonl", self.step, _jsonl_step)
             truncate_log(self.run_dir / "bad_samples.csv", self.step, _csv_step)
+            self.metrics.purge_after(self.step)
         barrier()
         log.info("Resumed from %s at step %d", path, self.step)
 
