@@ -47,8 +47,8 @@ def test_loss_value_and_all_gradients_equal_algorithm_1(n):
 
 def test_initialisation_follows_tau_and_bias():
     loss_fn = SigLIPLoss(temperature=0.1, bias_init=-10.0)
-    assert float(loss_fn.t) == pytest.approx(10.0, rel=1e-6)
-    assert float(loss_fn.b) == -10.0
+    assert loss_fn.t.item() == pytest.approx(10.0, rel=1e-6)
+    assert loss_fn.b.item() == -10.0
     assert loss_fn.t_prime.requires_grad and loss_fn.bias.requires_grad
     fixed = SigLIPLoss(learnable=False)
     assert not fixed.t_prime.requires_grad and not fixed.bias.requires_grad
