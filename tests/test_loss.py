@@ -62,7 +62,7 @@ def test_loss_is_computed_in_float32_under_bf16_inputs():
     assert loss.dtype == torch.float32
     ref = algorithm_1(img.double(), txt.double(), loss_fn.t_prime.detach().double(), loss_fn.bias.detach().double())
     # bf16 values are exact in float64; a float32 matmul over 16 dims keeps ~1e-6 relative.
-    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-5)
 
 
 def test_matching_pairs_give_lower_loss_than_shuffled():
