@@ -190,10 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in passthrough.items():
         if value is not None:
             trainer_argv += [flag, str(value)]
-    for flag, value in EXAMPLE_DEFAULTS:
+    return launch_trainer(trainer_argv, rest, EXAMPLE_DEFAULTS, freeze=not args.no_freeze_image_backbone)
+
+
+def launch_trainer(trainer_argv: list[str], rest: list[str], defaults: list[tuple[str, str]], *, freeze: bool) -> int:
+    """Run the trainer with the example's phase-1 defaults wherever the user's own flags (`rest`) set none."""
+    trainer_argv = list(trainer_argv)
+    for flag, value in defaults:
         if not _given(rest, flag):
             trainer_argv += [flag, value]
-    if not args.no_freeze_image_backbone and not _given(rest, "--freeze_image_backbone"):
+    if freeze and not _given(rest, "--freeze_image_backbone"):
         trainer_argv.append("--freeze_image_backbone")
     trainer_argv += rest
     print("Training: python siglip_trainer.py " + " ".join(trainer_argv), flush=True)

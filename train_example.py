@@ -15,6 +15,8 @@ import json
 import sys
 from pathlib import Path
 
+from train_csv_example import launch_trainer
+
 # The example's training defaults (the original guide's phase 1), used unless the command line sets them.
 EXAMPLE_DEFAULTS = [
     ("--batch_size", "2"),
@@ -34,10 +36,6 @@ PLACEHOLDER_REPORTS = [
     "Placeholder report: ground-glass opacities at both lung bases.",
     "Placeholder report: subpleural nodules, follow-up recommended.",
 ]
-
-
-def _given(argv: list[str], flag: str) -> bool:
-    return any(a == flag or a.startswith(flag + "=") for a in argv)
 
 
 def create_example_reports(npz_dirs: list[str | Path], output_path: str | Path) -> Path:
@@ -91,17 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         trainer_argv += ["--val_data_dir", args.val_data_dir]
     if reports:
         trainer_argv += ["--text_reports_path", reports]
-    for flag, value in EXAMPLE_DEFAULTS:
-        if not _given(rest, flag):
-            trainer_argv += [flag, value]
-    if not args.no_freeze_image_backbone and not _given(rest, "--freeze_image_backbone"):
-        trainer_argv.append("--freeze_image_backbone")
-    trainer_argv += rest
-    print("Training: python siglip_trainer.py " + " ".join(trainer_argv), flush=True)
-    import siglip_trainer  # lazy: checking folders and writing reports must not need the model stack
-
-    code = siglip_trainer.main(trainer_argv)
-    return code if isinstance(code, int) else 0
+    return launch_trainer(trainer_argv, rest, EXAMPLE_DEFAULTS, freeze=not args.no_freeze_image_backbone)
 
 
 if __name__ == "__main__":

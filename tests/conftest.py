@@ -1,6 +1,7 @@
 """Shared test set-up: offline, few threads, deterministic."""
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -57,3 +58,17 @@ def tiny_args(csv, save_dir, text_dir, *extra):
             "--max_text_length", "32", "--batch_size", "4", "--num_workers", "0", "--learning_rate", "1e-3",
             "--warmup_steps", "2", "--log_interval", "1", "--eval_interval", "0", "--precision", "fp32",
             "--no-text_checkpointing", *extra]
+
+
+def children(pid: int) -> list[int]:
+    """Process ids whose parent is `pid` (from /proc), to reach loader workers and torchrun's ranks."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(d.name))
+    return sorted(out)

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_args, write_npz
+from conftest import children, tiny_args, write_npz
 
 import siglip_trainer
 from ct_siglip import checkpoint as ckpt
@@ -32,15 +32,6 @@ from ct_siglip.runlog import read_metrics
 from ct_siglip.trainer import SigLIPTrainer
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine spinning OpenMP threads make tiny steps 10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _env() -> dict:
@@ -97,19 +88,6 @@ def wait_until(cond, proc: subprocess.Popen, timeout: float = 120.0, poll: float
             proc.kill()
             raise AssertionError("timed out waiting")
         time.sleep(poll)
-
-
-def children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                out.append(int(d.name))
-    return sorted(out)
 
 
 def assert_same_weights_and_optimizer(a: dict, b: dict) -> None:
