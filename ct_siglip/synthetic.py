@@ -56,7 +56,7 @@ DEFAULT_SHAPE: tuple[int, int, int] = (32, 64, 64)
 FIELD_OF_VIEW_MM: tuple[float, float, float] = (320.0, 380.0, 380.0)
 """Default scanned extent (D, H, W) in mm; the spacing is this divided by the shape."""
 
-GENERATOR_VERSION = 2  # bump when the pictures or reports change, so cached data sets are rebuilt
+GENERATOR_VERSION = 4  # bump when the pictures or reports change, so cached data sets are rebuilt
 CSV_NAME, PARAMS_NAME, IMAGE_DIR = "synthetic.csv", "synthetic.json", "images"
 LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
 NODE_STATIONS = (
@@ -338,14 +338,14 @@ class _Case:
         lung_hu = u(-875, -830) + u(20, 60) * np.clip(0.5 - 0.5 * y2 / self.Bi, 0, 1)[None]  # dependent: denser
         if self.want["Emphysema"]:
             f = self.frng["Emphysema"]
-            drop = f.uniform(75, 120)
+            drop = f.uniform(110, 170)  # emphysematous lung reads about -950 HU or lower
             upper = f.random() < 0.7  # centrilobular emphysema is upper-lobe predominant
             if upper:
                 zw = np.clip((self.z - self.z_dia["right"]) / (self.z_apex - self.z_dia["right"]), 0, 1)
                 lung_hu = lung_hu - drop * (0.55 + 0.45 * zw)
             else:
                 lung_hu = lung_hu - drop
-            self.details["emphysema"] = ("mild" if drop < 88 else "moderate" if drop < 105 else "severe", upper)
+            self.details["emphysema"] = ("mild" if drop < 130 else "moderate" if drop < 150 else "severe", upper)
         cv.paint(lung_m, lung_hu, occlude=False)
         cv.lung[:] = lung_m
         if self.want["Emphysema"]:  # bullae: large air spaces, mostly in the upper zones
@@ -769,6 +769,7 @@ def _effusion_sentences(rng, side: str, depths: Mapping[str, float]) -> str:
         options = [
             f"Bilateral pleural effusions, {size}.",
             "Pleural effusion on both sides.",
+            f"There is pleural effusion on both sides, {size}.",
             f"{_cap(size)} right and left pleural effusions.",
             f"There are bilateral pleural effusions measuring up to {max(left, right):.0f} mm.",
         ]
@@ -781,6 +782,8 @@ def _effusion_sentences(rng, side: str, depths: Mapping[str, float]) -> str:
         rng.choice(
             [
                 f"{_cap(size)} {side} pleural effusion.",
+                f"There is pleural effusion on the {side}, {size}.",
+                f"Pleural effusion on the {side} side, {depth:.0f} mm thick.",
                 f"There is a {size} {side} pleural effusion.",
                 f"{_cap(side)} pleural effusion measuring {depth:.0f} mm in thickness.",
                 f"Fluid is present in the {side} pleural space, consistent with a {size} pleural effusion.",
@@ -805,23 +808,26 @@ def _positive_sentence(rng, name: str, d: Mapping) -> str:
             big_lobe, big = max(nods, key=lambda t: t[1])
             listed = ", ".join(f"{mm} mm in the {lobe}" for lobe, mm in nods)
             options = [
-                f"{_cap(count)} solid nodules: {listed}.",
-                f"Multiple pulmonary nodules, the largest measuring {big} mm in the {big_lobe}.",
+                f"{_cap(count)} lung nodules: {listed}.",
+                f"Multiple lung nodules, the largest measuring {big} mm in the {big_lobe}.",
+                f"There is a lung nodule in the {big_lobe}, one of {count} lung nodules up to {big} mm.",
                 f"{_cap(count)} lung nodules, up to {big} mm ({', '.join(lobe for lobe, _ in nods)}).",
+                f"Multiple pulmonary nodules, the largest measuring {big} mm in the {big_lobe}.",
             ]
         else:
             lobe, mm = nods[0]
             options = [
-                f"{_cap(_a(mm))} {mm} mm solid nodule in the {lobe}.",
+                f"{_cap(_a(mm))} {mm} mm lung nodule in the {lobe}.",
                 f"There is {_a(mm)} {mm} mm lung nodule in the {lobe}.",
-                f"{_cap(lobe)} nodule measuring {mm} mm.",
+                f"Lung nodule in the {lobe}, {mm} mm.",
+                f"There is a lung nodule in the {lobe} measuring {mm} mm.",
+                f"Solid lung nodule of {mm} mm in the {lobe}.",
                 f"Noncalcified pulmonary nodule of {mm} mm in the {lobe}.",
-                f"Well-circumscribed {mm} mm nodule is noted in the {lobe}.",
             ]
     elif name == "Cardiomegaly":
         ratio = d.get("cardiothoracic_ratio", 0.6)
         options = [
-            "The heart is enlarged.",
+            "There is cardiomegaly.",
             "Cardiomegaly.",
             "Cardiomegaly is present.",
             f"Heart size is increased (cardiothoracic ratio {ratio:.2f}).",
@@ -840,28 +846,31 @@ def _positive_sentence(rng, name: str, d: Mapping) -> str:
         sev, upper = d.get("emphysema", ("moderate", True))
         where = "upper-lobe predominant" if upper else "diffuse"
         options = [
-            f"{_cap(sev)} centrilobular emphysema, {where}.",
+            f"Emphysema, {sev}, {where}.",
+            f"There is emphysema, {sev} and {where}.",
             f"There is {sev} emphysema.",
+            f"Emphysema is present, {where}.",
+            f"Low-attenuation areas consistent with emphysema, {where}.",
             "Emphysematous changes in both lungs.",
-            f"Low-attenuation areas consistent with {sev} emphysema.",
-            f"{_cap(sev)} {where} emphysema with bullae.",
         ]
     elif name == "Consolidation":
         lobe, size, air = d.get("consolidation", ("right lower lobe", 60.0, False))
         tail = " with air bronchograms" if air else ""
         options = [
             f"Consolidation in the {lobe}{tail}.",
-            f"There is an area of consolidation in the {lobe}, measuring {size:.0f} mm.",
-            f"Dense airspace consolidation in the {lobe}{tail}, suggestive of pneumonia.",
-            f"{_cap(lobe)} consolidation{tail}.",
+            f"There is consolidation in the {lobe}, measuring {size:.0f} mm.",
+            f"Consolidation is present in the {lobe}{tail}, suggestive of pneumonia.",
+            f"There is consolidation in the {lobe}{tail}.",
+            f"{_cap(lobe)} airspace consolidation{tail}.",
         ]
     elif name == "Atelectasis":
         lobe = d.get("atelectasis", "right lower lobe")
         options = [
+            f"Atelectasis in the {lobe}.",
+            f"There is atelectasis in the {lobe}.",
+            f"Atelectasis is present in the {lobe}, plate-like.",
+            f"There is atelectasis, band-like, in the {lobe}.",
             f"Plate-like atelectasis in the {lobe}.",
-            f"Subsegmental atelectasis in the {lobe}.",
-            f"There is band-like atelectasis in the {lobe}.",
-            f"Linear atelectasis is seen in the {lobe}.",
         ]
     elif name == "Lymphadenopathy":
         nodes = d.get("nodes", [("subcarinal", 15.0)])
@@ -869,15 +878,18 @@ def _positive_sentence(rng, name: str, d: Mapping) -> str:
         if len(nodes) > 1:
             where = ", ".join(n for n, _ in nodes[:-1]) + f" and {nodes[-1][0]}"
             options = [
-                f"Enlarged lymph nodes in the {where} stations, up to {mm:.0f} mm in short axis.",
+                f"Lymphadenopathy in the {where} stations, up to {mm:.0f} mm in short axis.",
                 f"Lymphadenopathy, the largest node {mm:.0f} mm ({station}).",
+                f"There is lymphadenopathy ({where}), the largest node measuring {mm:.0f} mm.",
+                f"Mediastinal lymphadenopathy, up to {mm:.0f} mm ({where}).",
                 f"Multiple enlarged lymph nodes ({where}), the largest measuring {mm:.0f} mm.",
             ]
         else:
             options = [
-                f"Enlarged {station} lymph node measuring {mm:.0f} mm in short axis.",
+                f"Lymphadenopathy in the {station} station, {mm:.0f} mm in short axis.",
                 f"There is lymphadenopathy in the {station} region ({mm:.0f} mm).",
-                f"A pathologically enlarged {station} lymph node, {mm:.0f} mm.",
+                f"Mediastinal lymphadenopathy: {station} node of {mm:.0f} mm.",
+                f"Enlarged {station} lymph node measuring {mm:.0f} mm in short axis.",
             ]
     else:
         raise ValueError(f"no sentence for finding {name!r}")
