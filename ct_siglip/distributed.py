@@ -50,7 +50,7 @@ def init_distributed(device_type: str = "cpu", timeout_s: float = 1800.0) -> tup
             raise ConfigError(
                 f"{world_size} processes but MASTER_ADDR/MASTER_PORT are not set: launch with torchrun, or export "
                 "MASTER_ADDR=$(scontrol show hostnames $SLURM_JOB_NODELIST | head -n1) and MASTER_PORT=29500 "
-                "in the job script (see docs/distributed.md)"
+                "in the job script (see README_SIGLIP_TRAINING.md, 'Several GPUs and nodes')"
             )
         os.environ.setdefault("RANK", str(rank))
         os.environ.setdefault("WORLD_SIZE", str(world_size))

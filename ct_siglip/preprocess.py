@@ -7,7 +7,7 @@ One scan goes through MONAI transforms in this order, every step in Hounsfield u
     or centre crop to --size (H, W, D) -> one channel per HU window, clipped and scaled to [0, 1]
     -> depth moved to the front: (C, D, H, W), float16
 
-Axis meaning of the stored array (the orientation convention, see docs/data.md):
+Axis meaning of the stored array (the orientation convention, README_SIGLIP_TRAINING.md, "Orientation convention"):
     D: index 0 = most inferior slice, increasing toward the patient's head (Superior)
     H: index 0 = the patient's Left side, increasing toward the patient's Right
     W: index 0 = Posterior (the back), increasing toward Anterior (the front)
