@@ -49,6 +49,7 @@ from torch import nn  # noqa: E402
 
 from ct_siglip.image_tower import ImageEncoder  # noqa: E402
 from ct_siglip.loss import SigLIPLoss  # noqa: E402
+from ct_siglip.model import ChestCTCLIP  # noqa: E402
 
 SECTIONS = ("baseline", "image", "text", "whole", "heads", "data")
 EMBED_DIM = 512
@@ -439,7 +440,7 @@ def cache_build_row(ctx: Context) -> Row:
 
         def step() -> torch.Tensor:
             with autocast():
-                return enc.embed(x)  # no_grad inside: what `--cache_features` computes once per volume
+                return enc.embed(x)  # no_grad inside: what `feature_cache.compute_features` runs once per volume
 
         m = ctx.measure(step, batch)
         m.settings = {"precision_used": used}
@@ -659,27 +660,32 @@ def original_equivalent_row() -> Row:
 
 # ---------------------------------------------------------------------------------------------------- heads
 def heads_row(ctx: Context, batch: int) -> Row:
-    """Phase 1 on cached features: image projection MLP + text projection + SigLIP loss + AdamW."""
+    """Phase 1 on cached features (`--cache_features`): the trainer's heads-only forward,
+    `ChestCTCLIP(..., pooled=True)` (image projection MLP + text projection), the SigLIP loss and AdamW."""
     args = ctx.args
 
     def run(ctx: Context) -> Measurement:
         autocast, used = ctx.amp("bf16")
         hidden = TINY_LLAMA["hidden_size"] if args.tiny else LLAMA_1B["hidden_size"]
         with ctx.build():
-            # The encoder's own projection head (2048 -> 1024 -> 512); a depth-14 trunk of the same width is
-            # built only to get it. The text head is TextEncoder's `nn.Linear(hidden, embed_dim)`.
-            image_head = ImageEncoder(in_channels=args.in_channels, depth=14, width=args.width,
-                                      embed_dim=EMBED_DIM).projection  # fmt: skip
-            text_head = nn.Linear(hidden, EMBED_DIM)
-            loss_fn = SigLIPLoss()
-            img_feat = torch.randn(batch, image_head[0].in_features)
+            # The encoder's own projection head (2048 -> 1024 -> 512) behind a frozen depth-14 trunk of the same
+            # width, built only to get it (frozen: AdamW skips it, as in the trainer). TextEncoder's head is an
+            # `nn.Linear(hidden, embed_dim)` named `projection`; the LLM itself is never called on cached features.
+            image = ImageEncoder(in_channels=args.in_channels, depth=14, width=args.width, embed_dim=EMBED_DIM,
+                                 freeze_backbone=True)  # fmt: skip
+            text = nn.Module()
+            text.projection = nn.Linear(hidden, EMBED_DIM)
+            model = ChestCTCLIP(image, text, SigLIPLoss())
+            # Cached image features have the backbone's output dtype (bf16 under bf16 autocast); text ones float32.
+            img_feat = torch.randn(batch, image.backbone.out_features).to(
+                torch.bfloat16 if used == "bf16" else torch.float32
+            )
             txt_feat = torch.randn(batch, hidden)
-        model = nn.ModuleDict({"image": image_head, "text": text_head, "loss_fn": loss_fn}).to(ctx.device).train()
+        model.to(ctx.device).train()
 
         def loss_of() -> torch.Tensor:
-            zi = F.normalize(image_head(img_feat).float(), dim=-1)
-            zt = F.normalize(text_head(txt_feat).float(), dim=-1)
-            return loss_fn(zi, zt)
+            zi, zt, _ = model(img_feat, txt_feat, compute_loss=False, pooled=True)  # as SigLIPTrainer._embed
+            return model.loss_fn(zi, zt)
 
         scaler = torch.amp.GradScaler(ctx.device.type, enabled=False)
         step = train_step(loss_of, adamw(model, ctx.cuda), scaler, autocast)
@@ -687,7 +693,7 @@ def heads_row(ctx: Context, batch: int) -> Row:
             m = ctx.measure(step, batch, warmup=max(args.warmup, 3), steps=max(4 * args.steps, 20))
         else:
             m = ctx.measure(step, batch)
-        m.settings = {"precision_used": used, "image_features": image_head[0].in_features, "text_features": hidden}
+        m.settings = {"precision_used": used, "image_features": image.backbone.out_features, "text_features": hidden}
         return m
 
     return Row("heads", "heads.cached_features", "heads only on cached features (phase 1): projections + loss + "
@@ -767,16 +773,23 @@ def prepare_data(ctx: Context) -> dict:
 
 class VolumeFiles(torch.utils.data.Dataset):
     """What a training data set does per sample to get the image tensor: NPZ through `load_volume` (decompress
-    and check the data contract), .npy memory-mapped and copied into a tensor."""
+    and check the data contract), .npy memory-mapped and copied into a tensor, or NPZ through the trainer's
+    `--cache_dir` (`VolumeCache.load`: its .npy entry memory-mapped, copied and checked; filled by the untimed
+    warm-up pass)."""
 
-    def __init__(self, paths: list[str], fmt: str, channels: int):
+    def __init__(self, paths: list[str], fmt: str, channels: int, cache_dir: Path | None = None):
+        from ct_siglip.volume_io import VolumeCache
+
         self.paths, self.fmt, self.channels = paths, fmt, channels
+        self.cache = VolumeCache(cache_dir) if fmt == "cache" else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        if self.fmt == "npz":
+        if self.cache is not None:
+            arr = self.cache.load(self.paths[i], channels=self.channels)
+        elif self.fmt == "npz":
             from ct_siglip.volume_io import load_volume
 
             arr = load_volume(self.paths[i], channels=self.channels)
@@ -790,7 +803,10 @@ def data_row(ctx: Context, fmt: str, workers: int) -> Row:
 
     def run(ctx: Context) -> Measurement:
         info = prepare_data(ctx)
-        ds = VolumeFiles(info["files"][fmt], fmt, args.in_channels)
+        npz = info["files"]["npz"]
+        # Inside the data folder, which is rebuilt when the volumes change; entries of a previous run are reused.
+        cache_dir = Path(npz[0]).parent / "volume_cache"
+        ds = VolumeFiles(npz if fmt == "cache" else info["files"][fmt], fmt, args.in_channels, cache_dir)
         extra = {
             "raw_mb": round(info["raw_mb"], 2),
             "npz_mb": round(info["npz_mb"], 2),
@@ -829,7 +845,8 @@ def data_row(ctx: Context, fmt: str, workers: int) -> Row:
         return Measurement(n / seconds, seconds / n, settings={**extra, "volumes_timed": n})
 
     procs = "1 process" if workers == 0 else f"{workers} worker processes"
-    what = "compressed NPZ (load_volume)" if fmt == "npz" else "uncompressed .npy, memory-mapped"
+    what = {"npz": "compressed NPZ (load_volume)", "npy": "uncompressed .npy, memory-mapped",
+            "cache": "NPZ through --cache_dir (VolumeCache: .npy entry memory-mapped and checked)"}[fmt]  # fmt: skip
     settings = {
         "format": fmt,
         "workers": workers,
@@ -883,7 +900,7 @@ def plan(ctx: Context) -> list[Row]:
         rows += [heads_row(ctx, b) for b in args.heads_batches]
         rows.append(cache_build_row(ctx))
     if "data" in want:
-        rows += [data_row(ctx, fmt, w) for fmt in ("npz", "npy") for w in (0, args.workers)]
+        rows += [data_row(ctx, fmt, w) for fmt in ("npz", "npy", "cache") for w in (0, args.workers)]
     if ("image" in want and args.compile) or "compile" in want:
         rows += compile_rows(ctx)
     return rows

@@ -91,6 +91,15 @@ class Config:
     loader_timeout: float = arg(
         600.0, "seconds to wait for one batch from the loader workers before failing (0 = forever)", LOAD
     )
+    cache_dir: str | None = arg(
+        None, "keep decoded volumes here as uncompressed .npy (memory-mapped), so NPZ is decoded once per file", LOAD
+    )
+    cache_features: bool = arg(
+        False,
+        "phase 1 with both towers frozen: compute pooled image/text features once (kept in <save_dir>/feature_cache) "
+        "and train only the heads",
+        LOAD,
+    )
     # Model
     embed_dim: int = arg(512, "shared embedding size", MODEL)
     temperature: float = arg(0.1, "initial SigLIP temperature tau (t = 1/tau; the paper's t = 10)", MODEL)
@@ -237,6 +246,15 @@ class Config:
             raise ConfigError(f"--temperature is tau (t = 1/tau) and must be > 0, got {self.temperature}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if self.cache_features and not (self.freeze_image_backbone and self.text_train == "frozen"):
+            raise ConfigError(
+                "--cache_features needs both towers frozen: add --freeze_image_backbone and --text_train frozen"
+            )
+        if self.cache_features and self.augment != "none":
+            raise ConfigError(
+                f"--cache_features cannot be used with --augment {self.augment}: augmented volumes change every "
+                "epoch, so their features cannot be cached; use --augment none"
+            )
 
     @property
     def best_is_max(self) -> bool:

@@ -19,6 +19,7 @@ import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,7 +27,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .errors import DataError
-from .volume_io import load_volume
+from .volume_io import VolumeCache, load_volume
 
 log = logging.getLogger(__name__)
 
@@ -297,6 +298,7 @@ class CTReportDataset(Dataset):
     """(volume, report) pairs. Items are addressed by `(index, epoch)` so that augmentation and
     bad-sample replacement depend only on the seed, the epoch and the index, never on which worker
     loads the item: runs resume exactly and give the same batches with any number of workers.
+    `cache_dir` (`--cache_dir`) serves decoded volumes from a `VolumeCache`, bit-identical to decoding.
     """
 
     def __init__(
@@ -309,6 +311,7 @@ class CTReportDataset(Dataset):
         seed: int = 0,
         on_bad_sample: str = "error",
         check_values: bool = True,
+        cache_dir: str | None = None,
     ):
         self.paths = table.frame["path"].to_numpy()
         self.texts = table.frame["text"].to_numpy()
@@ -316,41 +319,54 @@ class CTReportDataset(Dataset):
         self.source = table.source
         self.npz_key, self.channels, self.augment, self.seed = npz_key, channels, augment, seed
         self.on_bad_sample, self.check_values = on_bad_sample, check_values
+        self.volume_cache = VolumeCache(cache_dir) if cache_dir else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def _load(self, index: int) -> np.ndarray:
-        return load_volume(
+        load = self.volume_cache.load if self.volume_cache is not None else load_volume
+        return load(
             self.paths[index], self.npz_key, self.channels, row=int(self.rows[index]), check_values=self.check_values
         )
+
+    def load_sample(self, index: int) -> np.ndarray:
+        """The checked volume of row `index` (no augmentation); `DataError` if the volume or its report is bad."""
+        volume = self._load(index)
+        if not isinstance(self.texts[index], str) or not self.texts[index].strip():
+            raise DataError(
+                "empty or non-text report", path=self.source, row=int(self.rows[index]), hint="fill the findings column"
+            )
+        return volume
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         rng = np.random.default_rng([self.seed, epoch, index])
-        bad: list[dict] = []  # notes on replaced samples: file, row, problem (for bad_samples.csv)
-        for _ in range(16):
-            try:
-                volume = self._load(index)
-                if not isinstance(self.texts[index], str) or not self.texts[index].strip():
-                    raise DataError(
-                        "empty or non-text report",
-                        path=self.source,
-                        row=int(self.rows[index]),
-                        hint="fill the findings column",
-                    )
-                break
-            except DataError as e:
-                bad.append({"path": e.path, "row": e.row, "problem": e.problem, "message": str(e)})
-                if self.on_bad_sample == "error":
-                    return {"index": index, "error": str(e), "bad": bad}
-                index = int(rng.integers(len(self)))  # deterministic replacement
-        else:
-            return {"index": index, "error": "16 bad samples in a row: " + bad[-1]["message"], "bad": bad}
-        image = torch.from_numpy(np.ascontiguousarray(volume))
+        item = draw_sample(self.load_sample, index, rng, len(self), self.on_bad_sample)
+        if "error" in item:
+            return item
+        image = torch.from_numpy(np.ascontiguousarray(item.pop("value")))
         if self.augment == "light":
             image = light_augment(image, rng)
-        return {"index": index, "image": image, "text": self.texts[index], "bad": bad}
+        return {**item, "image": image, "text": self.texts[item["index"]]}
+
+
+def draw_sample(load: Callable[[int], Any], index: int, rng: np.random.Generator, n: int, on_bad_sample: str) -> dict:
+    """`{"index", "value", "bad"}` for `load(index)`; a bad sample (`DataError`) ends the item with an "error"
+    (`on_bad_sample="error"`) or is replaced by a random index drawn from `rng` (`"skip"`), up to 16 times.
+
+    The replacement depends only on `rng` (seeded by seed, epoch and index), so every loader of the same data
+    (decoded volumes, or cached features) replaces a bad sample by the same one."""
+    bad: list[dict] = []  # notes on replaced samples: file, row, problem (for bad_samples.csv)
+    for _ in range(16):
+        try:
+            return {"index": index, "value": load(index), "bad": bad}
+        except DataError as e:
+            bad.append({"path": e.path, "row": e.row, "problem": e.problem, "message": str(e)})
+            if on_bad_sample == "error":
+                return {"index": index, "error": str(e), "bad": bad}
+            index = int(rng.integers(n))  # deterministic replacement
+    return {"index": index, "error": "16 bad samples in a row: " + bad[-1]["message"], "bad": bad}
 
 
 def light_augment(image: torch.Tensor, rng: np.random.Generator, max_shift: int = 2) -> torch.Tensor:

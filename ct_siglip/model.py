@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .loss import SigLIPLoss
@@ -27,11 +28,28 @@ class ChestCTCLIP(nn.Module):
     def encode_text(self, batch: dict) -> torch.Tensor:
         return self.text_encoder(batch)
 
-    def forward(self, images: torch.Tensor, text_batch: dict, *, compute_loss: bool = True):
+    def encode_image_features(self, features: torch.Tensor) -> torch.Tensor:
+        """The image tower's head alone, on pooled backbone features (`image_encoder.embed`): what `encode_image`
+        computes after the backbone, so a step on cached features equals a step on the volumes."""
+        z = self.image_encoder.projection(features)
+        return F.normalize(z.float(), dim=-1)
+
+    def encode_text_features(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The text tower's head alone, on pooled LLM embeddings (`text_encoder.embed`); see above."""
+        proj = self.text_encoder.projection
+        return F.normalize(proj(pooled.to(proj.weight.dtype)).float(), dim=-1)
+
+    def forward(
+        self, images: torch.Tensor, text_batch: dict | torch.Tensor, *, compute_loss: bool = True, pooled: bool = False
+    ):
         """Embeddings and the SigLIP loss. The trainer passes `compute_loss=False` and scores the
-        embeddings itself, so that a step can cover several micro-batches (and ranks) at once."""
-        image_emb = self.encode_image(images)
-        text_emb = self.encode_text(text_batch)
+        embeddings itself, so that a step can cover several micro-batches (and ranks) at once.
+        With `pooled=True` the inputs are cached pooled features (`--cache_features`) and only the heads run;
+        it goes through `forward` so that DDP sees it."""
+        if pooled:
+            image_emb, text_emb = self.encode_image_features(images), self.encode_text_features(text_batch)
+        else:
+            image_emb, text_emb = self.encode_image(images), self.encode_text(text_batch)
         return image_emb, text_emb, (self.loss_fn(image_emb, text_emb) if compute_loss else None)
 
 

@@ -57,6 +57,7 @@ from .distributed import (
 )
 from .errors import ConfigError, DataError
 from .evaluate import compute_embeddings, evaluate_embeddings, raise_batch_errors, text_encoder_fn
+from .feature_cache import cached_feature_loader
 from .model import ChestCTCLIP, build_model, count_parameters
 from .runlog import MetricsLogger, format_table
 
@@ -199,7 +200,10 @@ def build_eval_loader(
     cfg: Config, split: str, tokenizer, *, world_size: int = 1, rank: int = 0, device: torch.device | None = None
 ) -> tuple[DataLoader, Table]:
     table = load_table(cfg, split, train=False)
-    ds = CTReportDataset(table, npz_key=cfg.npz_key, channels=cfg.in_channels, seed=cfg.seed, on_bad_sample="error")
+    ds = CTReportDataset(
+        table, npz_key=cfg.npz_key, channels=cfg.in_channels, seed=cfg.seed, on_bad_sample="error",
+        cache_dir=cfg.cache_dir,
+    )  # fmt: skip
     loader = _loader(
         cfg,
         ds,
@@ -323,6 +327,7 @@ class SigLIPTrainer:
             augment=cfg.augment,
             seed=cfg.seed,
             on_bad_sample=cfg.on_bad_sample,
+            cache_dir=cfg.cache_dir,
         )
         self.sampler = GlobalBatchSampler(
             len(self.train_set),
@@ -335,7 +340,9 @@ class SigLIPTrainer:
         self.train_loader = _loader(cfg, self.train_set, self.sampler, tokenizer, cfg.batch_size, device)
         self.val_loader = None
         if val_table is not None:
-            ds = CTReportDataset(val_table, npz_key=cfg.npz_key, channels=cfg.in_channels, seed=cfg.seed)
+            ds = CTReportDataset(
+                val_table, npz_key=cfg.npz_key, channels=cfg.in_channels, seed=cfg.seed, cache_dir=cfg.cache_dir
+            )
             self.val_loader = _loader(
                 cfg,
                 ds,
@@ -460,6 +467,11 @@ class SigLIPTrainer:
 
     # -- steps -----------------------------------------------------------------------------------
     def _embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        if "image_features" in batch:  # --cache_features: the heads on cached pooled features
+            images, text = (batch[k].to(self.device, non_blocking=True) for k in ("image_features", "text_features"))
+            with self.autocast():
+                img, txt, _ = self.forward_model(images, text, compute_loss=False, pooled=True)
+            return img, txt
         images, text = move_batch(batch, self.device, PRECISION_DTYPES[self.precision])
         with self.autocast():
             img, txt, _ = self.forward_model(images, text, compute_loss=False)
@@ -728,6 +740,11 @@ class SigLIPTrainer:
         """Train to `--max_steps`; validate, log and save on their intervals; stop cleanly on a signal."""
         cfg = self.cfg
         self.resume()
+        if cfg.cache_features:  # after resume: the features are those of the weights the run continues with
+            self.train_loader = self._from_loader(functools.partial(
+                cached_feature_loader, self.model, self.train_set, self.sampler, cfg, device=self.device,
+                precision=self.precision, rank=self.rank, world_size=self.world_size,
+            ))  # fmt: skip
         data = self.batches()
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.is_main, dynamic_ncols=True)
         self.watchdog = Watchdog(cfg.watchdog_timeout, describe=lambda: f"rank {self.rank}, at step {self.step + 1}")

@@ -2,16 +2,26 @@
 
 A volume is `(C, D, H, W)`, float16 or float32, values in [0, 1]; C windows of the same scan.
 Both the training data set and `--validate_csv` call `load_volume`, so they agree on what is valid.
+`VolumeCache` (`--cache_dir`) keeps decoded volumes as plain `.npy`, checked the same way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import time
+import uuid
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import DataError
+
+log = logging.getLogger(__name__)
 
 FLOAT_DTYPES = (np.float16, np.float32)
 
@@ -68,3 +78,104 @@ def check_array(arr: np.ndarray, channels: int | None, *, path: str | None = Non
         if lo < 0.0 or hi > 1.0:
             raise DataError(f"values outside [0, 1] (min {lo:.4g}, max {hi:.4g})", path=path, row=row,
                             hint="window and scale HU values to [0, 1] (python -m ct_siglip.preprocess)")
+
+
+# ----------------------------------------------------------------------------- decoded-volume cache
+CACHE_FORMAT = 1  # bump when what a cache entry holds changes: old entries are then never read
+_TMP_MARK = ".tmp-"
+_STALE_TEMP_S = 3600.0  # a temp file this old belongs to a killed writer (a write takes seconds)
+
+
+class VolumeCache:
+    """`--cache_dir`: decoded volumes as uncompressed `.npy`, so compressed NPZ is decoded once, not every epoch.
+
+    An entry is named by a hash of the source's absolute path, size and mtime_ns, the NPZ key and the channel
+    count: a changed source gets a new name and is never served stale. Entries are written to a unique temp file
+    in the same folder, fsynced and renamed, so readers (other loader workers, other DDP ranks) see a whole file
+    or none, and concurrent writers of one entry simply replace each other with the same bytes. A cached array
+    is checked like a decoded one; an entry that fails to load or to pass is rebuilt from the source. A folder
+    that cannot be written (read-only, disk full) turns writing off for this process, with one warning; reads
+    then come from the source (and from entries already there).
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.writable = True
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._remove_stale_temps()
+        except OSError as e:
+            self._disable(e)
+
+    def entry(self, path: str | Path, key: str, channels: int | None) -> Path | None:
+        """The cache file for this source as it is now on disk (None if it cannot be stat'ed)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        ident = json.dumps([CACHE_FORMAT, os.path.abspath(path), st.st_size, st.st_mtime_ns, key, channels])
+        digest = hashlib.blake2b(ident.encode(), digest_size=16).hexdigest()
+        return self.folder / f"{Path(path).stem[:64]}-{digest}.npy"
+
+    def load(
+        self,
+        path: str | Path,
+        key: str = "image",
+        channels: int | None = 2,
+        *,
+        row: int | None = None,
+        check_values: bool = True,
+    ) -> np.ndarray:
+        """What `load_volume` returns (same bytes, same checks), from the cache when it holds a valid entry."""
+        entry = self.entry(path, key, channels)
+        if entry is not None:
+            cached = self._read(entry, channels, check_values)
+            if cached is not None:
+                return cached
+        arr = load_volume(path, key, channels, row=row, check_values=check_values)
+        if entry is not None and self.writable:
+            self._write(entry, arr)
+        return arr
+
+    def _read(self, entry: Path, channels: int | None, check_values: bool) -> np.ndarray | None:
+        try:
+            mapped = np.load(entry, mmap_mode="r", allow_pickle=False)
+            arr = np.array(mapped)  # read every page now: a writable array, and no file handle kept open
+            del mapped
+            check_array(arr, channels, path=str(entry), check_values=check_values)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, EOFError) as e:  # truncated or damaged (DataError is a ValueError): rebuild
+            log.info("volume cache: rebuilding %s (%s)", entry.name, str(e).splitlines()[0][:200])
+            return None
+        return arr
+
+    def _write(self, entry: Path, arr: np.ndarray) -> None:
+        tmp = entry.with_name(f".{entry.name}{_TMP_MARK}{os.getpid()}-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                np.lib.format.write_array(f, np.ascontiguousarray(arr), allow_pickle=False)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, entry)
+        except OSError as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            self._disable(e)
+
+    def _disable(self, error: OSError) -> None:
+        self.writable = False
+        log.warning(
+            "--cache_dir %s cannot be written (%s); volumes are read from their sources instead (free disk space "
+            "or choose another --cache_dir to get the cache back)",
+            self.folder,
+            error.strerror or error,
+        )
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of writers killed mid-write; recent ones may belong to a live writer and are left alone."""
+        now = time.time()
+        for p in self.folder.glob(f".*{_TMP_MARK}*"):
+            with contextlib.suppress(OSError):
+                if now - p.stat().st_mtime > _STALE_TEMP_S:
+                    p.unlink()
