@@ -73,6 +73,12 @@ class Config:
         LOAD,
         choices=["none", "light"],
     )
+    sentence_sampling: float = arg(
+        0.0,
+        "probability that a training report is replaced by a random subset of its sentences (1 to all, shuffled), "
+        "drawn anew each epoch; short texts in training make short zero-shot prompts in-distribution",
+        LOAD,
+    )
     on_bad_sample: str = arg(
         "error",
         "a bad NPZ or report: stop with its file and row (error) or replace it (skip)",
@@ -249,6 +255,13 @@ class Config:
         if self.cache_features and not (self.freeze_image_backbone and self.text_train == "frozen"):
             raise ConfigError(
                 "--cache_features needs both towers frozen: add --freeze_image_backbone and --text_train frozen"
+            )
+        if not 0.0 <= self.sentence_sampling <= 1.0:
+            raise ConfigError(f"--sentence_sampling must be a probability in [0, 1], got {self.sentence_sampling}")
+        if self.cache_features and self.sentence_sampling > 0:
+            raise ConfigError(
+                "--cache_features cannot be used with --sentence_sampling: sampled reports change every epoch, so "
+                "their embeddings cannot be cached; use --sentence_sampling 0"
             )
         if self.cache_features and self.augment != "none":
             raise ConfigError(

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import multiprocessing.util  # registers its exit hook before ours: hooks run last-in, first-out)
 import os
+import re
 import signal
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -299,6 +300,7 @@ class CTReportDataset(Dataset):
     bad-sample replacement depend only on the seed, the epoch and the index, never on which worker
     loads the item: runs resume exactly and give the same batches with any number of workers.
     `cache_dir` (`--cache_dir`) serves decoded volumes from a `VolumeCache`, bit-identical to decoding.
+    `sentence_sampling` (`--sentence_sampling`) is the per-item probability of `sample_sentences`.
     """
 
     def __init__(
@@ -312,6 +314,7 @@ class CTReportDataset(Dataset):
         on_bad_sample: str = "error",
         check_values: bool = True,
         cache_dir: str | None = None,
+        sentence_sampling: float = 0.0,
     ):
         self.paths = table.frame["path"].to_numpy()
         self.texts = table.frame["text"].to_numpy()
@@ -319,6 +322,7 @@ class CTReportDataset(Dataset):
         self.source = table.source
         self.npz_key, self.channels, self.augment, self.seed = npz_key, channels, augment, seed
         self.on_bad_sample, self.check_values = on_bad_sample, check_values
+        self.sentence_sampling = float(sentence_sampling)
         self.volume_cache = VolumeCache(cache_dir) if cache_dir else None
 
     def __len__(self) -> int:
@@ -348,7 +352,30 @@ class CTReportDataset(Dataset):
         image = torch.from_numpy(np.ascontiguousarray(item.pop("value")))
         if self.augment == "light":
             image = light_augment(image, rng)
-        return {**item, "image": image, "text": self.texts[item["index"]]}
+        text = self.texts[item["index"]]
+        if self.sentence_sampling > 0:  # own stream: the image draws stay those of a run without it
+            text = sample_sentences(text, np.random.default_rng([self.seed, epoch, index, 1]), self.sentence_sampling)
+        return {**item, "image": image, "text": text}
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sample_sentences(report: str, rng: np.random.Generator, probability: float) -> str:
+    """With `probability`, a random subset of the report's sentences (size uniform in 1..all), shuffled.
+
+    Zero-shot prompts are single sentences ("There is no pleural effusion."); a text tower trained only on
+    whole reports meets them out of distribution. Sampling sentences (as CXR-CLIP and others do) pairs images
+    with short texts too, and asks each sentence to agree with the image on its own.
+    """
+    if rng.random() >= probability:
+        return report
+    sentences = [t for t in _SENTENCE_END.split(report.strip()) if t]
+    if len(sentences) < 2:
+        return report
+    k = int(rng.integers(1, len(sentences) + 1))
+    picked = rng.choice(len(sentences), size=k, replace=False)
+    return " ".join(sentences[i] for i in picked)
 
 
 def draw_sample(load: Callable[[int], Any], index: int, rng: np.random.Generator, n: int, on_bad_sample: str) -> dict:

@@ -14,13 +14,13 @@ from pathlib import Path
 
 from .config import Config, build_parser
 
-DEMO_CASES = 1500
-DEMO_SHAPE = (16, 48, 48)  # (D, H, W): lesions are drawn at least 3-4 voxels wide, so they stay visible
+DEMO_CASES = 4000  # generated in ~20 s on 2 cores; 3200 training cases, so 900 steps of 32 see each about 9 times
+DEMO_SHAPE = (16, 48, 48)  # (D, H, W): lesions are drawn at least 3 slices and 5 voxels wide, so they stay visible
 DEMO_SPLITS = (("train", 0.8), ("test", 0.2))
 """No separate validation split: the one evaluation, at the end, is on `test` (held out, never used to choose)."""
 
-TEXT_MODEL = {"hidden_size": 64, "num_layers": 2}
-"""Size of the tiny Llama built for the demo (`build_tiny_llama` arguments)."""
+TEXT_MODEL = {"hidden_size": 64, "num_layers": 2, "lowercase": True, "prefix_space": True}
+"""The tiny Llama built for the demo (`build_tiny_llama` arguments): uncased, so "No" and "no" are one token."""
 
 DEMO_SETTINGS = {
     "image_depth": 14,
@@ -36,11 +36,12 @@ DEMO_SETTINGS = {
     "learning_rate": 1e-3,
     "weight_decay": 1e-4,
     "warmup_steps": 40,
-    "max_steps": 600,
+    "max_steps": 900,
+    "channels_last": True,  # about 1.5x faster 3D convolutions on CPU too
     "num_workers": 1,
     "log_interval": 25,
     "eval_interval": 0,
-    "save_interval": 600,
+    "save_interval": 900,
     "label_columns": ["auto"],
     "val_split": "test",
     "save_dir": "runs/demo",

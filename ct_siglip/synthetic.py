@@ -56,7 +56,7 @@ DEFAULT_SHAPE: tuple[int, int, int] = (32, 64, 64)
 FIELD_OF_VIEW_MM: tuple[float, float, float] = (320.0, 380.0, 380.0)
 """Default scanned extent (D, H, W) in mm; the spacing is this divided by the shape."""
 
-GENERATOR_VERSION = 4  # bump when the pictures or reports change, so cached data sets are rebuilt
+GENERATOR_VERSION = 5  # bump when the pictures or reports change, so cached data sets are rebuilt
 CSV_NAME, PARAMS_NAME, IMAGE_DIR = "synthetic.csv", "synthetic.json", "images"
 LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
 NODE_STATIONS = (
@@ -67,7 +67,7 @@ NODE_STATIONS = (
     "right hilar",
     "left hilar",
 )
-MIN_NODULE_VOXELS = (3.0, 4.0, 4.0)  # (D, H, W) minimum rendered diameter of nodules and enlarged nodes
+MIN_NODULE_VOXELS = (3.0, 5.0, 5.0)  # (D, H, W) minimum rendered diameter of nodules and enlarged nodes
 _F32 = np.float32
 
 
@@ -458,9 +458,9 @@ class _Case:
             "left hilar": (z_car - 8, -self.med - 12.0, y_tr - 8),
         }
         enlarged = self.want["Lymphadenopathy"]
-        count = int(f.integers(1, 4)) if enlarged else int(f.integers(0, 3))
+        count = int(f.integers(2, 5)) if enlarged else int(f.integers(0, 3))
         names = [str(n) for n in f.choice(NODE_STATIONS, size=count, replace=False)]
-        sizes = [f.uniform(12, 28) if enlarged else f.uniform(4, 8) for _ in names]  # short axis, mm
+        sizes = [f.uniform(15, 30) if enlarged else f.uniform(4, 8) for _ in names]  # short axis, mm
         for name, size in zip(names, sizes):
             r = (0.65 * size, 0.5 * size, 0.5 * size)
             if enlarged:  # normal nodes stay at true size, partial-volumed away at coarse spacing
@@ -494,7 +494,7 @@ class _Case:
         sl, sd = cv.ellipsoid(c, (max(r[0], 2 * cv.spacing[0]), r[1], r[2]))
         m = cv.soft(sd) * _lobe_mask(cv, sl, lobe, self.z_mid) * cv.lung[sl]  # stops at the fissures
         cv.paint(m, f.uniform(-30, 40), sl)
-        bronchograms = bool(f.random() < 0.6)
+        bronchograms = bool(f.random() < 0.4)
         if bronchograms:  # aerated bronchi inside the dense lung: a shifted vessel tree serves as airways
             bank = _vessel_bank(cv.shape, cv.spacing)
             bm = np.roll(bank[int(f.integers(len(bank)))], shift=self.shift, axis=(0, 1, 2))[sl].astype(_F32)
@@ -510,8 +510,8 @@ class _Case:
             return False
         nz, phi = f.uniform(-0.45, 0.45), f.uniform(0, 2 * np.pi)
         n = (nz, math.sqrt(1 - nz**2) * math.cos(phi), math.sqrt(1 - nz**2) * math.sin(phi))
-        half_t = 0.5 * max(f.uniform(5, 10), 2.0 * cv.ramp)
-        extent = f.uniform(32, 52)
+        half_t = 0.5 * max(f.uniform(5, 10), 3.5 * cv.ramp)
+        extent = f.uniform(42, 64)
         sl = cv.box([p - extent for p in c], [p + extent for p in c])
         bz, bx, by = cv.coords(sl)
         dz, dx, dy = bz - c[0], bx - c[1], by - c[2]
@@ -526,7 +526,7 @@ class _Case:
         """One to three solid nodules, 5-30 mm, log-uniform so small ones are common."""
         cv, f = self.cv, self.frng["Lung nodule"]
         placed = []
-        for i in range(int(f.choice([1, 2, 3], p=[0.6, 0.25, 0.15]))):
+        for i in range(int(f.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):
             lobe = lobes[i % len(lobes)] if lobes else LOBES[int(f.integers(5))]
             size = float(np.exp(f.uniform(np.log(5.0), np.log(30.0))))
             r = tuple(max(0.5 * size, 0.5 * m * s) for m, s in zip(MIN_NODULE_VOXELS, cv.spacing))
@@ -896,6 +896,23 @@ def _positive_sentence(rng, name: str, d: Mapping) -> str:
     return str(rng.choice(options))
 
 
+_PLAIN = ("There is {x}.", "{X} is present.", "{X} is noted.", "{X}.")
+_PLAIN_NAME = {"Lung nodule": "a lung nodule"}
+PLAIN_FRACTION = 0.4
+"""Share of present findings stated bare ("There is consolidation."), without size or place (effusions keep the side). Real reports
+do this, and it matters for learning: when every positive sentence carried descriptors and every negative one a
+"no", a text tower could tell them apart by the descriptors alone, never learn what "no" does, and then read the
+zero-shot pair "There is X." / "There is no X." (no descriptors in either) as the same text."""
+
+
+def _plain_sentence(rng, name: str, side: str | None = None) -> str:
+    """A bare statement of a present finding; an effusion keeps its side, as every real report gives it."""
+    x = _PLAIN_NAME.get(name, name.lower())
+    if side is not None:
+        x = "bilateral pleural effusion" if side == "both" else f"{side} pleural effusion"
+    return str(rng.choice(_PLAIN)).format(x=x, X=_cap(x))
+
+
 def write_report(rng: np.random.Generator, labels: Mapping, details: Mapping | None = None) -> str:
     """Free-text findings as a radiologist might dictate them: varied phrasing, sizes, sides, negations.
 
@@ -912,7 +929,9 @@ def write_report(rng: np.random.Generator, labels: Mapping, details: Mapping | N
         absent = [n for n in absent if n not in ("Pleural effusion", "Pericardial effusion")]
     for name in FINDINGS:
         if labels[name]:
-            if name == "Pleural effusion":
+            if rng.random() < PLAIN_FRACTION:
+                sentences.append(_plain_sentence(rng, name, labels["effusion_side"] if name == "Pleural effusion" else None))
+            elif name == "Pleural effusion":
                 sentences.append(_effusion_sentences(rng, labels["effusion_side"], d.get("effusion_depth_mm", {})))
             else:
                 sentences.append(_positive_sentence(rng, name, d))

@@ -717,6 +717,8 @@ def build_tiny_llama(
     num_heads: int = 4,
     vocab_size: int = 1000,
     seed: int = 0,
+    lowercase: bool = False,
+    prefix_space: bool = False,
 ) -> Path:
     """Write a random few-layer Llama plus a byte-level BPE tokenizer trained on the spot, all offline.
 
@@ -724,13 +726,15 @@ def build_tiny_llama(
     grouped-query attention (half as many KV heads when the head count is even), so the real model's code paths run. The folder loads with
     `llm2vec.LLM2Vec.from_pretrained(out_dir)` and `TextEncoder(out_dir)`. Same seed, same files.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size, special_tokens=list(_TINY_SPECIALS), show_progress=False,

@@ -328,6 +328,7 @@ class SigLIPTrainer:
             seed=cfg.seed,
             on_bad_sample=cfg.on_bad_sample,
             cache_dir=cfg.cache_dir,
+            sentence_sampling=cfg.sentence_sampling,
         )
         self.sampler = GlobalBatchSampler(
             len(self.train_set),

@@ -162,3 +162,38 @@ def test_fingerprint_follows_the_rows_not_where_the_data_set_lives(small_csv, tm
     df.loc[0, "findings"] = "Another report."
     df.to_csv(moved / "data.csv", index=False)
     assert table_fingerprint(read_csv_table(moved / "data.csv", "train")) != before
+
+
+def test_sentence_sampling_draws_subsets_of_whole_sentences_per_epoch_and_leaves_images_alone(tmp_path):
+    from ct_siglip.data import sample_sentences
+
+    report = "No pleural effusion. Heart size is normal (ratio 0.45). Consolidation in the right lower lobe! Mild change."
+    sentences = {"No pleural effusion.", "Heart size is normal (ratio 0.45).", "Consolidation in the right lower lobe!",
+                 "Mild change."}
+    assert sample_sentences(report, np.random.default_rng(0), 0.0) == report
+    sizes = set()
+    for seed in range(200):
+        out = sample_sentences(report, np.random.default_rng(seed), 1.0)
+        parts = [p if p.endswith((".", "!")) else p + "." for p in out.replace("! ", "!|").replace(". ", ".|").split("|")]
+        assert set(parts) <= sentences and len(parts) == len(set(parts))  # whole sentences, none repeated
+        sizes.add(len(parts))
+    assert sizes == {1, 2, 3, 4}  # from one sentence (a prompt's length) to the whole report
+    assert sample_sentences("One sentence only.", np.random.default_rng(0), 1.0) == "One sentence only."
+
+    write_npz(tmp_path / "a.npz", seed=1)
+    pd.DataFrame([{"img_path": "a.npz", "findings": report, "split": "train"}]).to_csv(tmp_path / "d.csv", index=False)
+    table = read_csv_table(tmp_path / "d.csv", split="train")
+    plain, sampled = CTReportDataset(table, seed=3), CTReportDataset(table, seed=3, sentence_sampling=1.0)
+    texts = {sampled[(0, epoch)]["text"] for epoch in range(12)}
+    assert len(texts) > 3 and sampled[(0, 5)]["text"] == sampled[(0, 5)]["text"]  # new per epoch, reproducible
+    assert torch.equal(plain[(0, 2)]["image"], sampled[(0, 2)]["image"]) and plain[(0, 2)]["text"] == report
+
+
+def test_sentence_sampling_is_a_probability_and_excludes_cached_features():
+    from ct_siglip.config import Config
+    from ct_siglip.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--sentence_sampling must be a probability"):
+        Config(demo=True, sentence_sampling=1.5)
+    with pytest.raises(ConfigError, match="cannot be used with --sentence_sampling"):
+        Config(demo=True, sentence_sampling=0.5, cache_features=True, freeze_image_backbone=True, text_train="frozen")

@@ -412,3 +412,20 @@ def test_bf16_llm_still_pools_and_projects_in_float32(tiny_llama):
     assert next(enc.model.parameters()).dtype == torch.bfloat16 and enc.projection.weight.dtype == torch.float32
     assert pooled.dtype == out.dtype == torch.float32
     torch.testing.assert_close(pooled, pooled32, atol=0.1, rtol=0.05)  # bf16 weights: ~3 significant digits
+
+
+def test_uncased_prefix_space_tokenizer_gives_one_token_per_word_and_still_equals_llm2vec(tmp_path):
+    """The demo's tokenizer (lowercase, prefix space): "No" opening a report, "no" inside a sentence and the first
+    word of a prompt are one token, so short prompts use the tokens the reports taught; llm2vec parity holds."""
+    corpus = [*REPORTS, "There is no pleural effusion.", "No pleural effusion. There is emphysema."]
+    folder = build_tiny_llama(tmp_path / "uncased", corpus, vocab_size=300, lowercase=True, prefix_space=True)
+    enc = encoder(folder).eval()
+    short, long = (enc.tokenize([t])["input_ids"][0].tolist() for t in ("No effusion.", "There is no effusion."))
+    assert short[1:] == long[-(len(short) - 1):]  # after BOS, "No effusion." opening a text == its mid-sentence form
+    ref = LLM2Vec.from_pretrained(str(folder), pooling_mode="mean", max_length=MAX_LEN, torch_dtype=torch.float32)
+    batch = enc.tokenize(REPORTS)
+    ref_batch = ref.tokenize([ref._convert_to_str("", r) for r in REPORTS])
+    for key in ("input_ids", "attention_mask", "embed_mask"):
+        assert torch.equal(batch[key], ref_batch[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(enc.embed(batch), ref.forward(dict(ref_batch)), atol=ATOL, rtol=0)
