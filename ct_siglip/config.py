@@ -162,6 +162,12 @@ class Config:
         "merlin", "image weights: merlin (Hugging Face download), a path to Merlin's checkpoint, or none", IMAGE
     )
     freeze_image_backbone: bool = arg(False, "freeze the I3ResNet (batch norm statistics too); train the heads", IMAGE)
+    freeze_image_stem: bool = arg(
+        False,
+        "keep the first convolution fixed: its weight gradient over the full-resolution input is the image step's "
+        "costliest (about half of it on a CPU)",
+        IMAGE,
+    )
     image_checkpointing: str = arg(
         "none", "activation checkpointing in the image tower", IMAGE, choices=["none", "stage", "block"]
     )

@@ -492,6 +492,9 @@ class ImageEncoder(nn.Module):
     `freeze_backbone=True` is phase 1 of the training guide: backbone weights get no gradient, it runs under
     `no_grad` (no graph, so no activation memory) and its batch norms stay in eval mode whatever `train()`
     says, so Merlin's statistics are kept rather than re-estimated from small CT batches.
+    `freeze_stem=True` keeps only `conv1` fixed (its batch norm trains): the weight gradient of a 7x7x3 kernel
+    over the full-resolution input is the image step's costliest single gradient, and a stem's edge filters
+    transfer as they are (from Merlin's weights, or even at random initialisation for the demo's tiny tower).
     """
 
     def __init__(
@@ -500,6 +503,7 @@ class ImageEncoder(nn.Module):
         depth: int = 152,
         pretrained: str | Path | None = None,
         freeze_backbone: bool = False,
+        freeze_stem: bool = False,
         embed_dim: int = 512,
         width: int = 64,
         proj_hidden: int = 1024,
@@ -526,7 +530,7 @@ class ImageEncoder(nn.Module):
             nn.Linear(proj_hidden, embed_dim),
         )
         self.embed_dim = embed_dim
-        self.freeze_backbone = False
+        self.freeze_backbone, self.freeze_stem = False, freeze_stem
         self.set_backbone_frozen(freeze_backbone)
         if channels_last:
             self.backbone.set_channels_last(True)
@@ -538,6 +542,8 @@ class ImageEncoder(nn.Module):
         """Freeze (or unfreeze) the backbone: no gradients, no graph, batch norm statistics fixed."""
         self.freeze_backbone = frozen
         self.backbone.requires_grad_(not frozen)
+        if self.freeze_stem:  # `freeze_stem`: conv1 stays fixed even when the rest is unfrozen (bn1 still trains)
+            self.backbone.conv1.weight.requires_grad_(False)
         self.train(self.training)
 
     def set_grad_checkpointing(self, mode: str = "none") -> None:

@@ -62,7 +62,7 @@ def build_model(cfg, *, device: torch.device, rank: int = 0, world_size: int = 1
     weights = None if str(cfg.image_weights).lower() == "none" else cfg.image_weights
     image = ImageEncoder(
         in_channels=cfg.in_channels, depth=cfg.image_depth, width=cfg.image_width, pretrained=weights,
-        freeze_backbone=cfg.freeze_image_backbone, embed_dim=cfg.embed_dim, proj_dropout=cfg.proj_dropout,
+        freeze_backbone=cfg.freeze_image_backbone, freeze_stem=cfg.freeze_image_stem, embed_dim=cfg.embed_dim, proj_dropout=cfg.proj_dropout,
         checkpointing=cfg.image_checkpointing, channels_last=cfg.channels_last, compile=cfg.compile,
     )
     if image.load_report is not None:

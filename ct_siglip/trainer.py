@@ -73,6 +73,7 @@ RESUME_MUST_MATCH = (
     "image_depth",
     "image_width",
     "freeze_image_backbone",
+    "freeze_image_stem",
     "text_model",
     "pooling_mode",
     "text_train",

@@ -258,6 +258,22 @@ def test_frozen_backbone_keeps_weights_and_bn_statistics_while_projection_trains
     assert enc.backbone.training and all(p.requires_grad for p in enc.backbone.parameters())
 
 
+def test_frozen_stem_gets_no_gradient_through_freeze_and_unfreeze_while_the_rest_trains():
+    enc = tiny_encoder(freeze_stem=True).train()
+    plain = tiny_encoder().train()
+    plain.load_state_dict(enc.state_dict())
+    x = volume()
+    enc(x).sum().backward()
+    plain(x).sum().backward()
+    assert enc.backbone.conv1.weight.grad is None and plain.backbone.conv1.weight.grad is not None
+    for (name, p), q in zip(enc.named_parameters(), plain.parameters()):
+        if name != "backbone.conv1.weight":  # every other gradient is the one of the unfrozen tower
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+    enc.set_backbone_frozen(True)
+    enc.set_backbone_frozen(False)
+    assert not enc.backbone.conv1.weight.requires_grad and enc.backbone.bn1.weight.requires_grad
+
+
 @pytest.mark.parametrize("mode", ["stage", "block"])
 def test_grad_checkpointing_matches_no_checkpointing_in_output_gradients_and_bn_stats(mode):
     ref, ckpt = tiny_encoder().double().train(), tiny_encoder(checkpointing=mode).double().train()
