@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -665,16 +666,19 @@ def heads_row(ctx: Context, batch: int) -> Row:
     args = ctx.args
 
     def run(ctx: Context) -> Measurement:
+        from ct_siglip.text_tower import TextEncoder
+
         autocast, used = ctx.amp("bf16")
         hidden = TINY_LLAMA["hidden_size"] if args.tiny else LLAMA_1B["hidden_size"]
         with ctx.build():
             # The encoder's own projection head (2048 -> 1024 -> 512) behind a frozen depth-14 trunk of the same
             # width, built only to get it (frozen: AdamW skips it, as in the trainer). TextEncoder's head is an
-            # `nn.Linear(hidden, embed_dim)` named `projection`; the LLM itself is never called on cached features.
+            # `nn.Linear(hidden, embed_dim)` named `projection` run by `TextEncoder.project`; no LLM on cached features.
             image = ImageEncoder(in_channels=args.in_channels, depth=14, width=args.width, embed_dim=EMBED_DIM,
                                  freeze_backbone=True)  # fmt: skip
             text = nn.Module()
             text.projection = nn.Linear(hidden, EMBED_DIM)
+            text.project = types.MethodType(TextEncoder.project, text)  # the tower's own head code, no LLM
             model = ChestCTCLIP(image, text, SigLIPLoss())
             # Cached image features have the backbone's output dtype (bf16 under bf16 autocast); text ones float32.
             img_feat = torch.randn(batch, image.backbone.out_features).to(

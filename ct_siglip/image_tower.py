@@ -562,6 +562,10 @@ class ImageEncoder(nn.Module):
                 return self.backbone(x)
         return self.backbone(x)
 
-    def forward(self, x: Tensor) -> Tensor:
-        z = self.projection(self.embed(x))
+    def project(self, pooled: Tensor) -> Tensor:
+        """The head on pooled features (`embed`): also the whole step on cached features (`--cache_features`)."""
+        z = self.projection(pooled)
         return F.normalize(z.float(), dim=-1)  # normalise in float32 even under bf16 autocast; the loss is fp32
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.project(self.embed(x))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .loss import SigLIPLoss
@@ -29,15 +28,13 @@ class ChestCTCLIP(nn.Module):
         return self.text_encoder(batch)
 
     def encode_image_features(self, features: torch.Tensor) -> torch.Tensor:
-        """The image tower's head alone, on pooled backbone features (`image_encoder.embed`): what `encode_image`
-        computes after the backbone, so a step on cached features equals a step on the volumes."""
-        z = self.image_encoder.projection(features)
-        return F.normalize(z.float(), dim=-1)
+        """The image head alone, on pooled backbone features (`image_encoder.embed`); the towers' own `project`,
+        so a step on cached features equals a step on the volumes."""
+        return self.image_encoder.project(features)
 
     def encode_text_features(self, pooled: torch.Tensor) -> torch.Tensor:
-        """The text tower's head alone, on pooled LLM embeddings (`text_encoder.embed`); see above."""
-        proj = self.text_encoder.projection
-        return F.normalize(proj(pooled.to(proj.weight.dtype)).float(), dim=-1)
+        """The text head alone, on pooled LLM embeddings (`text_encoder.embed`); see above."""
+        return self.text_encoder.project(pooled)
 
     def forward(
         self, images: torch.Tensor, text_batch: dict | torch.Tensor, *, compute_loss: bool = True, pooled: bool = False

@@ -625,10 +625,13 @@ class TextEncoder(nn.Module):
             return self._embed_frozen(batch)
         return self._embed_tokens(batch["input_ids"], batch["attention_mask"], batch.get("embed_mask"))
 
-    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        pooled = self.embed(batch)
+    def project(self, pooled: torch.Tensor) -> torch.Tensor:
+        """The head on pooled embeddings (`embed`): also the whole step on cached features (`--cache_features`)."""
         z = self.projection(pooled.to(self.projection.weight.dtype))
         return F.normalize(z.float(), dim=-1)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self.project(self.embed(batch))
 
     def flush_cache(self) -> None:
         """Write frozen-mode embeddings not yet on disk (also done automatically; call before a planned exit)."""

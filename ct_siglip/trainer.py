@@ -197,14 +197,19 @@ def loader_failure(error: RuntimeError, timeout: float) -> LoaderFailure | None:
     return None
 
 
+def eval_dataset(cfg: Config, table: Table) -> CTReportDataset:
+    """Whole reports, no augmentation, a bad sample is an error: the same items whoever evaluates."""
+    return CTReportDataset(
+        table, npz_key=cfg.npz_key, channels=cfg.in_channels, seed=cfg.seed, on_bad_sample="error",
+        cache_dir=cfg.cache_dir,
+    )  # fmt: skip
+
+
 def build_eval_loader(
     cfg: Config, split: str, tokenizer, *, world_size: int = 1, rank: int = 0, device: torch.device | None = None
 ) -> tuple[DataLoader, Table]:
     table = load_table(cfg, split, train=False)
-    ds = CTReportDataset(
-        table, npz_key=cfg.npz_key, channels=cfg.in_channels, seed=cfg.seed, on_bad_sample="error",
-        cache_dir=cfg.cache_dir,
-    )  # fmt: skip
+    ds = eval_dataset(cfg, table)
     loader = _loader(
         cfg,
         ds,
@@ -342,9 +347,7 @@ class SigLIPTrainer:
         self.train_loader = _loader(cfg, self.train_set, self.sampler, tokenizer, cfg.batch_size, device)
         self.val_loader = None
         if val_table is not None:
-            ds = CTReportDataset(
-                val_table, npz_key=cfg.npz_key, channels=cfg.in_channels, seed=cfg.seed, cache_dir=cfg.cache_dir
-            )
+            ds = eval_dataset(cfg, val_table)
             self.val_loader = _loader(
                 cfg,
                 ds,
