@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import faulthandler
+import gc
 import logging
 import os
 import sys
@@ -62,6 +63,17 @@ def init_distributed(device_type: str = "cpu", timeout_s: float = 1800.0) -> tup
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
     return rank, world_size, local_rank
+
+
+def shutdown_distributed() -> None:
+    """Free what still holds the process group (DDP's reducer, in the trainer's reference cycles), then destroy it.
+
+    Left to interpreter exit, gloo's worker threads can outlive Python's teardown and abort the process
+    ("terminate called without an active exception", exit -6) after a run that had finished and saved.
+    """
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()
+        dist.destroy_process_group()
 
 
 def is_distributed() -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import faulthandler
 import functools
 import json
 import logging
@@ -54,6 +55,7 @@ from .distributed import (
     broadcast_object,
     gather_ints,
     init_distributed,
+    shutdown_distributed,
 )
 from .errors import ConfigError, DataError
 from .evaluate import compute_embeddings, evaluate_embeddings, raise_batch_errors, text_encoder_fn
@@ -969,6 +971,13 @@ def run(cfg: Config) -> dict[str, float]:
     """Build everything from a resolved config and train; returns the final validation metrics."""
     device = resolve_device(cfg.device)
     rank, world_size, local_rank = init_distributed(device.type, cfg.dist_timeout)
+    try:
+        return _run(cfg, device, rank, world_size, local_rank)
+    finally:  # also after an error: a process group left to interpreter exit can abort the process
+        shutdown_distributed()
+
+
+def _run(cfg: Config, device: torch.device, rank: int, world_size: int, local_rank: int) -> dict[str, float]:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -1022,10 +1031,7 @@ def run(cfg: Config) -> dict[str, float]:
         cfg, model, train_table, val_table, device=device, rank=rank, world_size=world_size, ddp_model=ddp_model
     )
     log.info("Starting training...")
-    metrics = trainer.train()
-    if world_size > 1:
-        torch.distributed.destroy_process_group()
-    return metrics
+    return trainer.train()
 
 
 def probe_writable(run_dir: Path) -> None:
@@ -1046,6 +1052,8 @@ def main(argv: list[str] | None = None) -> int:
     (one line naming the file, row and fix); 124 the watchdog saw no progress; 128 + N stopped by signal N
     after saving.
     """
+    if not faulthandler.is_enabled():  # a crash in native code (a loader, a collective) still names the Python line
+        faulthandler.enable()
     cfg = parse_config(argv)
     if cfg.demo:
         from .demo import demo_config
