@@ -22,6 +22,10 @@ DEMO_SPLITS = (("train", 0.8), ("test", 0.2))
 TEXT_MODEL = {"hidden_size": 64, "num_layers": 2, "lowercase": True, "prefix_space": True}
 """The tiny Llama built for the demo (`build_tiny_llama` arguments): uncased, so "No" and "no" are one token."""
 
+MNTP = {"steps": 150, "batch_size": 64, "learning_rate": 2e-3, "mask_probability": 0.2}
+"""LLM2Vec's MNTP step on the training reports (`ct_siglip.mntp`), ~25 s: without it the random Llama learns the
+report language (what "no" does) at CLIP speed; measured +0.10 mean zero-shot AUROC (0.70 -> 0.80)."""
+
 DEMO_SETTINGS = {
     "image_depth": 14,
     "image_width": 8,
@@ -36,12 +40,14 @@ DEMO_SETTINGS = {
     "learning_rate": 1e-3,
     "weight_decay": 1e-4,
     "warmup_steps": 40,
-    "max_steps": 900,
+    "max_steps": 1000,
     "channels_last": True,  # about 1.5x faster 3D convolutions on CPU too
+    "freeze_image_stem": True,  # conv1's weight gradient was a third of the step; a random 7x7x3 stem serves
+    "sentence_sampling": 0.8,  # most reports as random sentence subsets: prompts are single sentences (0.5: 0.78, 1.0: 0.73)
     "num_workers": 1,
     "log_interval": 25,
     "eval_interval": 0,
-    "save_interval": 900,
+    "save_interval": 1000,
     "label_columns": ["auto"],
     "val_split": "test",
     "save_dir": "runs/demo",
@@ -66,7 +72,6 @@ def explicit_flags(argv: list[str] | None) -> set[str]:
 def demo_config(cfg: Config, argv: list[str] | None = None) -> Config:
     """Generate (or reuse) the synthetic set and the tiny text model; return the demo's config."""
     from .synthetic import FINDINGS, generate_dataset
-    from .text_tower import build_tiny_llama
 
     root = cache_dir() / "demo"
     print(f"Demo: synthetic chest CT set and tiny models under {root}")
@@ -75,18 +80,35 @@ def demo_config(cfg: Config, argv: list[str] | None = None) -> Config:
     )
     import pandas as pd
 
-    corpus = pd.read_csv(csv)["findings"].astype(str).tolist()
-    corpus += [f"There is {f.lower()}." for f in FINDINGS] + [f"There is no {f.lower()}." for f in FINDINGS]
-    # keyed on the corpus and the model's size: a changed generator or size never reuses a stale tokenizer
-    key = hashlib.sha256(json.dumps([TEXT_MODEL, corpus]).encode()).hexdigest()[:12]
+    table = pd.read_csv(csv)
+    reports = table["findings"].astype(str).tolist()
+    train_reports = table.loc[table["split"] == "train", "findings"].astype(str).tolist()  # MNTP never reads test
+    corpus = reports + [f"There is {f.lower()}." for f in FINDINGS] + [f"There is no {f.lower()}." for f in FINDINGS]
+    # keyed on the corpus, the model's size and MNTP: a changed generator or setting never reuses a stale model
+    key = hashlib.sha256(json.dumps([TEXT_MODEL, MNTP, corpus]).encode()).hexdigest()[:12]
     text_dir = root / f"tiny_llama_{key}"
-    if not (text_dir / "config.json").is_file():
-        build_tiny_llama(text_dir, corpus, seed=0, **TEXT_MODEL)
+    if not (text_dir / "config.json").is_file():  # pretrain_mntp publishes the folder whole, by one rename
+        build_text_model(text_dir, corpus, train_reports)
     values = cfg.to_dict()
     explicit = explicit_flags(argv)
     values.update({k: v for k, v in DEMO_SETTINGS.items() if k not in explicit})
     values.update(csv_file=str(csv), train_data_dir=None, text_model=str(text_dir), demo=True)
     return Config(**values)
+
+
+def build_text_model(text_dir: Path, corpus: list[str], train_reports: list[str]) -> Path:
+    """The demo's text tower: a random tiny Llama with a tokenizer trained on `corpus`, then MNTP on the reports."""
+    import tempfile
+
+    from .mntp import pretrain_mntp
+    from .text_tower import build_tiny_llama
+
+    text_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=text_dir.parent, prefix=".random_llama-") as tmp:
+        random_dir = build_tiny_llama(Path(tmp) / "model", corpus, seed=0, **TEXT_MODEL)
+        print(f"Demo: MNTP pretraining of the tiny text model ({MNTP['steps']} steps)")
+        pretrain_mntp(random_dir, train_reports, text_dir, max_length=DEMO_SETTINGS["max_text_length"], **MNTP)
+    return text_dir
 
 
 def print_demo_summary(cfg: Config, metrics: dict[str, float], target: float = 0.90) -> None:

@@ -14,7 +14,7 @@ descending aorta runs left of the spine, and pleural fluid layers posteriorly (l
 patient, so laterality is recoverable from the image alone.
 
 Findings use CT-RATE's label spellings (`FINDINGS`), each drawn independently with prevalence ~30 %.
-Small lesions (nodules, nodes, plate atelectasis) are rendered no smaller than 2-4 voxels so that
+Small lesions (nodules, nodes, plate atelectasis) are rendered no smaller than 3-5 voxels so that
 they stay visible at the demo's coarse resolution; reports state the nominal size in mm.
 """
 
@@ -56,7 +56,7 @@ DEFAULT_SHAPE: tuple[int, int, int] = (32, 64, 64)
 FIELD_OF_VIEW_MM: tuple[float, float, float] = (320.0, 380.0, 380.0)
 """Default scanned extent (D, H, W) in mm; the spacing is this divided by the shape."""
 
-GENERATOR_VERSION = 5  # bump when the pictures or reports change, so cached data sets are rebuilt
+GENERATOR_VERSION = 6  # bump when the pictures or reports change, so cached data sets are rebuilt
 CSV_NAME, PARAMS_NAME, IMAGE_DIR = "synthetic.csv", "synthetic.json", "images"
 LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
 NODE_STATIONS = (
@@ -458,9 +458,9 @@ class _Case:
             "left hilar": (z_car - 8, -self.med - 12.0, y_tr - 8),
         }
         enlarged = self.want["Lymphadenopathy"]
-        count = int(f.integers(2, 5)) if enlarged else int(f.integers(0, 3))
+        count = int(f.integers(3, 6)) if enlarged else int(f.integers(0, 3))
         names = [str(n) for n in f.choice(NODE_STATIONS, size=count, replace=False)]
-        sizes = [f.uniform(15, 30) if enlarged else f.uniform(4, 8) for _ in names]  # short axis, mm
+        sizes = [f.uniform(18, 35) if enlarged else f.uniform(4, 8) for _ in names]  # short axis, mm
         for name, size in zip(names, sizes):
             r = (0.65 * size, 0.5 * size, 0.5 * size)
             if enlarged:  # normal nodes stay at true size, partial-volumed away at coarse spacing
@@ -490,7 +490,7 @@ class _Case:
         c = _sample_point(cv, f, self.sd_lung, 12.0, lobe=lobe, z_mid=self.z_mid)
         if c is None:
             return False
-        r = (f.uniform(35, 60), f.uniform(32, 55), f.uniform(32, 55))
+        r = (f.uniform(45, 75), f.uniform(42, 68), f.uniform(42, 68))
         sl, sd = cv.ellipsoid(c, (max(r[0], 2 * cv.spacing[0]), r[1], r[2]))
         m = cv.soft(sd) * _lobe_mask(cv, sl, lobe, self.z_mid) * cv.lung[sl]  # stops at the fissures
         cv.paint(m, f.uniform(-30, 40), sl)
@@ -503,15 +503,15 @@ class _Case:
         return True
 
     def _atelectasis(self, lobe: str) -> bool:
-        """Plate-like atelectasis: a dense band at least ~1.6 voxels thick, mostly upright so axial slices cut it."""
+        """Plate-like atelectasis: a dense band at least 5 voxels thick, mostly upright so axial slices cut it."""
         cv, f = self.cv, self.frng["Atelectasis"]
         c = _sample_point(cv, f, self.sd_lung, 15.0, lobe=lobe, z_mid=self.z_mid)
         if c is None:
             return False
         nz, phi = f.uniform(-0.45, 0.45), f.uniform(0, 2 * np.pi)
         n = (nz, math.sqrt(1 - nz**2) * math.cos(phi), math.sqrt(1 - nz**2) * math.sin(phi))
-        half_t = 0.5 * max(f.uniform(5, 10), 3.5 * cv.ramp)
-        extent = f.uniform(42, 64)
+        half_t = 0.5 * max(f.uniform(5, 10), 5.0 * cv.ramp)
+        extent = f.uniform(55, 80)
         sl = cv.box([p - extent for p in c], [p + extent for p in c])
         bz, bx, by = cv.coords(sl)
         dz, dx, dy = bz - c[0], bx - c[1], by - c[2]
@@ -523,10 +523,10 @@ class _Case:
         return True
 
     def _nodules(self, lobes: list[str]) -> bool:
-        """One to three solid nodules, 5-30 mm, log-uniform so small ones are common."""
+        """One to four solid nodules, 5-30 mm, log-uniform so small ones are common."""
         cv, f = self.cv, self.frng["Lung nodule"]
         placed = []
-        for i in range(int(f.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))):
+        for i in range(int(f.choice([1, 2, 3, 4], p=[0.2, 0.3, 0.3, 0.2]))):
             lobe = lobes[i % len(lobes)] if lobes else LOBES[int(f.integers(5))]
             size = float(np.exp(f.uniform(np.log(5.0), np.log(30.0))))
             r = tuple(max(0.5 * size, 0.5 * m * s) for m, s in zip(MIN_NODULE_VOXELS, cv.spacing))

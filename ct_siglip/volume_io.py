@@ -71,13 +71,25 @@ def check_array(arr: np.ndarray, channels: int | None, *, path: str | None = Non
     if arr.dtype.type not in FLOAT_DTYPES:
         raise DataError(f"dtype {arr.dtype} is not float16/float32", path=path, row=row,
                         hint="scale HU windows to [0, 1] floats (python -m ct_siglip.preprocess)")
-    if check_values:
+    if check_values and not _float16_in_unit_range(arr):
         lo, hi = float(np.min(arr)), float(np.max(arr))  # NaN propagates through min/max
         if not (np.isfinite(lo) and np.isfinite(hi)):
             raise DataError("contains NaN or Inf voxels", path=path, row=row, hint="re-create the file")
         if lo < 0.0 or hi > 1.0:
             raise DataError(f"values outside [0, 1] (min {lo:.4g}, max {hi:.4g})", path=path, row=row,
                             hint="window and scale HU values to [0, 1] (python -m ct_siglip.preprocess)")
+
+
+_FLOAT16_ONE = 0x3C00
+
+
+def _float16_in_unit_range(arr: np.ndarray) -> bool:
+    """True when `arr` is float16 and every voxel is in [+0, 1] (False says nothing: check exactly).
+
+    Read as unsigned 16-bit integers, +0 .. 1.0 are exactly 0x0000 .. 0x3C00, and every negative value, NaN and
+    Inf lies above. numpy's float16 min/max loop element by element; one integer max is about 40x faster
+    (0.016 ms against 0.65 ms for a (2, 16, 48, 48) volume, a quarter of the loader's time per sample)."""
+    return arr.dtype == np.float16 and int(arr.view(np.uint16).max(initial=0)) <= _FLOAT16_ONE
 
 
 # ----------------------------------------------------------------------------- decoded-volume cache

@@ -155,6 +155,25 @@ def test_every_bad_volume_gets_one_line_naming_file_row_problem_and_fix(case, tm
     assert re.search(r"\(.+\)$", msg), f"no fix in: {msg}"  # the hint, in parentheses, says what to do
 
 
+def test_float16_value_check_agrees_with_exact_min_max_on_every_bit_pattern():
+    """The loader's fast float16 range check (an integer max over the raw bits) accepts a volume exactly when
+    numpy's min/max say every voxel is finite and in [0, 1]: all 65,536 float16 values, each in a volume."""
+    from ct_siglip.volume_io import check_array
+
+    values = np.arange(2**16, dtype=np.uint32).astype(np.uint16).view(np.float16)
+    base = np.full((2, 1, 2, 2), 0.5, dtype=np.float16)
+    for v in values:
+        arr = base.copy()
+        arr[1, 0, 1, 1] = v
+        exact = bool(np.isfinite(v) and 0.0 <= v <= 1.0)
+        try:
+            check_array(arr, 2)
+            accepted = True
+        except DataError:
+            accepted = False
+        assert accepted == exact, f"float16 bits {v.view(np.uint16):#06x} ({v}): accepted {accepted}"
+
+
 def test_bad_tables_get_one_line_errors_and_unused_rows_are_named(tmp_path, caplog):
     for i in range(6):
         write_npz(tmp_path / f"a{i}.npz", shape=(2, 4, 8, 8))
