@@ -310,8 +310,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw: dict[str, Any] = {"default": default, **meta}
         if "action" not in kw:
-            if isinstance(default, bool):
-                kw["action"] = "store_true"
+            if isinstance(default, bool):  # --X and --no-X: a setting the demo turns on can be turned off
+                kw["action"] = argparse.BooleanOptionalAction
             elif "nargs" not in kw:
                 kw["type"] = _field_type(f)
         group.add_argument(f"--{f.name}", **kw)

@@ -89,11 +89,17 @@ def demo_config(cfg: Config, argv: list[str] | None = None) -> Config:
     text_dir = root / f"tiny_llama_{key}"
     if not (text_dir / "config.json").is_file():  # pretrain_mntp publishes the folder whole, by one rename
         build_text_model(text_dir, corpus, train_reports)
+    values = demo_values(cfg, argv)
+    values.update(csv_file=str(csv), train_data_dir=None, text_model=str(text_dir), demo=True)
+    return Config(**values)
+
+
+def demo_values(cfg: Config, argv: list[str] | None) -> dict:
+    """`cfg`'s values with the demo's settings laid under the flags the user typed (`--no-X` turns one off)."""
     values = cfg.to_dict()
     explicit = explicit_flags(argv)
     values.update({k: v for k, v in DEMO_SETTINGS.items() if k not in explicit})
-    values.update(csv_file=str(csv), train_data_dir=None, text_model=str(text_dir), demo=True)
-    return Config(**values)
+    return values
 
 
 def build_text_model(text_dir: Path, corpus: list[str], train_reports: list[str]) -> Path:

@@ -34,3 +34,14 @@ def test_demo_path_trains_and_reports_every_label_on_the_held_out_split(tmp_path
     assert math.isfinite(mean)
     losses = [r["train/loss"] for r in read_metrics(run / "metrics.jsonl") if "train/loss" in r]
     assert len(losses) == 40 and losses[-1] < 0.8 * losses[0]
+
+
+def test_flags_typed_with_demo_override_its_settings_booleans_included():
+    from ct_siglip.config import parse_config
+
+    argv = ["--demo", "--no-freeze_image_stem", "--max_steps", "5", "--sentence_sampling", "0"]
+    values = demo.demo_values(parse_config(argv), argv)
+    assert values["freeze_image_stem"] is False and values["max_steps"] == 5 and values["sentence_sampling"] == 0
+    assert values["channels_last"] is True and values["batch_size"] == demo.DEMO_SETTINGS["batch_size"]
+    assert demo.demo_values(parse_config(["--demo"]), ["--demo"])["freeze_image_stem"] is True
+
