@@ -165,7 +165,7 @@ class Config:
     freeze_image_stem: bool = arg(
         False,
         "keep the first convolution fixed: its weight gradient over the full-resolution input is the image step's "
-        "costliest (about half of it on a CPU)",
+        "costliest (40 %% of the demo tower's image step on a CPU)",
         IMAGE,
     )
     image_checkpointing: str = arg(
