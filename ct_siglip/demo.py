@@ -70,27 +70,35 @@ def explicit_flags(argv: list[str] | None) -> set[str]:
 
 
 def demo_config(cfg: Config, argv: list[str] | None = None) -> Config:
-    """Generate (or reuse) the synthetic set and the tiny text model; return the demo's config."""
+    """Generate (or reuse) the synthetic set and the tiny text model; return the demo's config.
+
+    A `--csv_file` or `--text_model` typed with `--demo` is used instead of the generated one (and not built).
+    """
     from .synthetic import FINDINGS, generate_dataset
 
     root = cache_dir() / "demo"
-    print(f"Demo: synthetic chest CT set and tiny models under {root}")
-    csv = generate_dataset(
-        root / "data", n=DEMO_CASES, shape=DEMO_SHAPE, seed=0, splits=DEMO_SPLITS, workers=max(1, os.cpu_count() or 1)
-    )
-    import pandas as pd
-
-    table = pd.read_csv(csv)
-    reports = table["findings"].astype(str).tolist()
-    train_reports = table.loc[table["split"] == "train", "findings"].astype(str).tolist()  # MNTP never reads test
-    corpus = reports + [f"There is {f.lower()}." for f in FINDINGS] + [f"There is no {f.lower()}." for f in FINDINGS]
-    # keyed on the corpus, the model's size and MNTP: a changed generator or setting never reuses a stale model
-    key = hashlib.sha256(json.dumps([TEXT_MODEL, MNTP, corpus]).encode()).hexdigest()[:12]
-    text_dir = root / f"tiny_llama_{key}"
-    if not (text_dir / "config.json").is_file():  # pretrain_mntp publishes the folder whole, by one rename
-        build_text_model(text_dir, corpus, train_reports)
+    explicit = explicit_flags(argv)
     values = demo_values(cfg, argv)
-    values.update(csv_file=str(csv), train_data_dir=None, text_model=str(text_dir), demo=True)
+    values.update(train_data_dir=None, demo=True)
+    if "csv_file" not in explicit:
+        print(f"Demo: synthetic chest CT set and tiny models under {root}")
+        values["csv_file"] = str(generate_dataset(
+            root / "data", n=DEMO_CASES, shape=DEMO_SHAPE, seed=0, splits=DEMO_SPLITS,
+            workers=max(1, os.cpu_count() or 1),
+        ))  # fmt: skip
+    if "text_model" not in explicit:
+        import pandas as pd
+
+        table = pd.read_csv(values["csv_file"])
+        reports = table["findings"].astype(str).tolist()
+        train_reports = table.loc[table["split"] == "train", "findings"].astype(str).tolist()  # never test
+        corpus = reports + [f"There is {f.lower()}." for f in FINDINGS] + [f"There is no {f.lower()}." for f in FINDINGS]
+        # keyed on the corpus, the model's size and MNTP: a changed generator or setting never reuses a stale model
+        key = hashlib.sha256(json.dumps([TEXT_MODEL, MNTP, corpus]).encode()).hexdigest()[:12]
+        text_dir = root / f"tiny_llama_{key}"
+        if not (text_dir / "config.json").is_file():  # pretrain_mntp publishes the folder whole, by one rename
+            build_text_model(text_dir, corpus, train_reports)
+        values["text_model"] = str(text_dir)
     return Config(**values)
 
 

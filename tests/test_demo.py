@@ -44,3 +44,18 @@ def test_flags_typed_with_demo_override_its_settings_booleans_included():
     assert values["freeze_image_stem"] is False and values["max_steps"] == 5 and values["sentence_sampling"] == 0
     assert values["channels_last"] is True and values["batch_size"] == demo.DEMO_SETTINGS["batch_size"]
     assert demo.demo_values(parse_config(["--demo"]), ["--demo"])["freeze_image_stem"] is True
+
+
+def test_a_text_model_or_csv_typed_with_demo_is_used_and_nothing_is_built(tmp_path, monkeypatch):
+    from ct_siglip.config import parse_config
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("the demo built what the user gave")
+
+    monkeypatch.setenv("CT_SIGLIP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo, "build_text_model", must_not_run)
+    monkeypatch.setattr("ct_siglip.synthetic.generate_dataset", must_not_run)
+    argv = ["--demo", "--text_model", "my/llm2vec", "--csv_file", "my.csv"]
+    cfg = demo.demo_config(parse_config(argv), argv)
+    assert (cfg.text_model, cfg.csv_file, cfg.image_depth) == ("my/llm2vec", "my.csv", 14)
+    assert not (tmp_path / "cache").exists()
