@@ -26,6 +26,10 @@ MNTP = {"steps": 150, "batch_size": 64, "learning_rate": 2e-3, "mask_probability
 """LLM2Vec's MNTP step on the training reports (`ct_siglip.mntp`), ~25 s: without it the random Llama learns the
 report language (what "no" does) at CLIP speed; measured +0.10 mean zero-shot AUROC (0.70 -> 0.80)."""
 
+PAIRS = {"steps": 100, "batch_size": 64, "learning_rate": 1e-3}
+"""LLM2Vec's supervised contrastive step (`ct_siglip.simcse`) on pairs of reports of the same training case, ~25 s:
+the pooled embedding comes to differ between reports by their findings, not their wording (see the guide)."""
+
 DEMO_SETTINGS = {
     "image_depth": 14,
     "image_width": 8,
@@ -74,7 +78,7 @@ def demo_config(cfg: Config, argv: list[str] | None = None) -> Config:
 
     A `--csv_file` or `--text_model` typed with `--demo` is used instead of the generated one (and not built).
     """
-    from .synthetic import FINDINGS, generate_dataset
+    from .synthetic import FINDINGS, PARAPHRASE_COLUMN, generate_dataset
 
     root = cache_dir() / "demo"
     explicit = explicit_flags(argv)
@@ -91,13 +95,15 @@ def demo_config(cfg: Config, argv: list[str] | None = None) -> Config:
 
         table = pd.read_csv(values["csv_file"])
         reports = table["findings"].astype(str).tolist()
-        train_reports = table.loc[table["split"] == "train", "findings"].astype(str).tolist()  # never test
+        train = table[table["split"] == "train"]  # the text pretraining never reads the test split
+        pairs = list(zip(train["findings"].astype(str), train[PARAPHRASE_COLUMN].astype(str)))
         corpus = reports + [f"There is {f.lower()}." for f in FINDINGS] + [f"There is no {f.lower()}." for f in FINDINGS]
-        # keyed on the corpus, the model's size and MNTP: a changed generator or setting never reuses a stale model
-        key = hashlib.sha256(json.dumps([TEXT_MODEL, MNTP, corpus]).encode()).hexdigest()[:12]
+        # keyed on the texts, the model's size and both pretraining steps: a changed generator or setting never
+        # reuses a stale model
+        key = hashlib.sha256(json.dumps([TEXT_MODEL, MNTP, PAIRS, corpus, pairs]).encode()).hexdigest()[:12]
         text_dir = root / f"tiny_llama_{key}"
-        if not (text_dir / "config.json").is_file():  # pretrain_mntp publishes the folder whole, by one rename
-            build_text_model(text_dir, corpus, train_reports)
+        if not (text_dir / "config.json").is_file():  # the folder is published whole, by one rename
+            build_text_model(text_dir, corpus, pairs)
         values["text_model"] = str(text_dir)
     return Config(**values)
 
@@ -110,18 +116,25 @@ def demo_values(cfg: Config, argv: list[str] | None) -> dict:
     return values
 
 
-def build_text_model(text_dir: Path, corpus: list[str], train_reports: list[str]) -> Path:
-    """The demo's text tower: a random tiny Llama with a tokenizer trained on `corpus`, then MNTP on the reports."""
+def build_text_model(text_dir: Path, corpus: list[str], pairs: list[tuple[str, str]]) -> Path:
+    """The demo's text tower the LLM2Vec way: a random tiny Llama (tokenizer trained on `corpus`), MNTP on the
+    training reports, then contrastive training on `pairs` (two reports of one training case)."""
     import tempfile
 
     from .mntp import pretrain_mntp
+    from .simcse import pretrain_pairs
     from .text_tower import build_tiny_llama
 
+    # the fast tokenizer's thread pool, used here, would be forked into the loader workers (a warning, no gain)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     text_dir.parent.mkdir(parents=True, exist_ok=True)
+    length = DEMO_SETTINGS["max_text_length"]
     with tempfile.TemporaryDirectory(dir=text_dir.parent, prefix=".random_llama-") as tmp:
         random_dir = build_tiny_llama(Path(tmp) / "model", corpus, seed=0, **TEXT_MODEL)
         print(f"Demo: MNTP pretraining of the tiny text model ({MNTP['steps']} steps)")
-        pretrain_mntp(random_dir, train_reports, text_dir, max_length=DEMO_SETTINGS["max_text_length"], **MNTP)
+        pretrain_mntp(random_dir, [a for a, _ in pairs], Path(tmp) / "mntp", max_length=length, **MNTP)
+        print(f"Demo: contrastive pretraining on report pairs ({PAIRS['steps']} steps)")
+        pretrain_pairs(Path(tmp) / "mntp", pairs, text_dir, max_length=length, **PAIRS)
     return text_dir
 
 

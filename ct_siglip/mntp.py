@@ -108,12 +108,12 @@ def pretrain_mntp(
             losses.append(loss.item())
     tail = max(1, steps // 10)
     result = {"mntp_loss_first": float(np.mean(losses[:tail])), "mntp_loss_last": float(np.mean(losses[-tail:]))}
-    _write_model(src, out, model.model)
+    write_model(src, out, model.model)
     log.info("MNTP: %d steps, loss %.3f -> %.3f; model in %s", steps, *result.values(), out)
     return result
 
 
-def _write_model(src: Path, out: Path, base: torch.nn.Module) -> None:
+def write_model(src: Path, out: Path, base: torch.nn.Module) -> None:
     """`src`'s files with the adapted base-model weights, published by one rename."""
     from safetensors import torch as st
 

@@ -56,8 +56,10 @@ DEFAULT_SHAPE: tuple[int, int, int] = (32, 64, 64)
 FIELD_OF_VIEW_MM: tuple[float, float, float] = (320.0, 380.0, 380.0)
 """Default scanned extent (D, H, W) in mm; the spacing is this divided by the shape."""
 
-GENERATOR_VERSION = 6  # bump when the pictures or reports change, so cached data sets are rebuilt
+GENERATOR_VERSION = 7  # bump when the pictures or reports change, so cached data sets are rebuilt
 CSV_NAME, PARAMS_NAME, IMAGE_DIR = "synthetic.csv", "synthetic.json", "images"
+PARAPHRASE_COLUMN = "findings_paraphrase"
+"""A second report of the same case, worded independently: text pairs for `ct_siglip.simcse` (never a label)."""
 LOBES = ("right upper lobe", "right middle lobe", "right lower lobe", "left upper lobe", "left lower lobe")
 NODE_STATIONS = (
     "right paratracheal",
@@ -963,7 +965,9 @@ def _generate_chunk(job: tuple) -> list[dict]:
         hu, labels, report = make_case(rng, shape, spacing, prevalence=prevalence)
         rel = f"{IMAGE_DIR}/case_{i:05d}.npz"
         _save_npz(Path(out_dir) / rel, window(hu, DEFAULT_WINDOWS, np.float16), spacing, compress)
-        row = {"img_path": rel, "findings": report}
+        # a second dictation of the same study (its own stream): the pairs that teach the text tower paraphrase
+        paraphrase = write_report(np.random.default_rng([seed, i, 1]), labels)
+        row = {"img_path": rel, "findings": report, PARAPHRASE_COLUMN: paraphrase}
         row.update({k: labels[k] for k in (*FINDINGS, *SIDE_FINDINGS)})
         row["effusion_side"] = labels["effusion_side"] or ""
         row["nodule_mm"] = labels["nodule_mm"]
@@ -1057,7 +1061,7 @@ def generate_dataset(
         if p.name not in keep:
             p.unlink()
 
-    fields = ["img_path", "findings", "split", *FINDINGS, *SIDE_FINDINGS, "effusion_side", "nodule_mm"]
+    fields = ["img_path", "findings", "split", *FINDINGS, *SIDE_FINDINGS, "effusion_side", "nodule_mm", PARAPHRASE_COLUMN]
     tmp = csv_path.with_name(f".{CSV_NAME}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)

@@ -104,7 +104,8 @@ def test_small_nodules_are_rendered_at_least_a_few_voxels_wide():
     assert min(small) >= 12, sizes  # ~3 x 3 x 2.5 voxels at least
 
 
-def test_reports_agree_with_labels():
+def assert_report_agrees(labels, report):
+    """Every present finding has a sentence that is not a negation; an absent one only negations or filler."""
     negations = {s for group in S._NEG.values() for s in group}
     negations |= {"No pleural or pericardial effusion.", "There is no pleural or pericardial effusion."}
     keywords = {
@@ -117,18 +118,31 @@ def test_reports_agree_with_labels():
         "Atelectasis": "atelectasis",
         "Lymphadenopathy": "lymph",
     }
+    sentences = re.findall(r"[^.]*\.", report)
+    for name, pattern in keywords.items():
+        hits = [s.strip() for s in sentences if re.search(pattern, s, re.IGNORECASE)]
+        if int(labels[name]):
+            assert any(h not in negations for h in hits), (name, report)
+        else:
+            assert all(h in negations or h in S._FILLER for h in hits), (name, report)
+    if labels["effusion_side"] in ("left", "right"):
+        assert labels["effusion_side"] in report.lower()
+
+
+def test_reports_agree_with_labels():
     rng = np.random.default_rng(0)
     for _ in range(60):
         _, labels, report = S.make_case(rng, (16, 32, 32))
-        sentences = re.findall(r"[^.]*\.", report)
-        for name, pattern in keywords.items():
-            hits = [s.strip() for s in sentences if re.search(pattern, s, re.IGNORECASE)]
-            if labels[name]:
-                assert any(h not in negations for h in hits), (name, report)
-            else:
-                assert all(h in negations or h in S._FILLER for h in hits), (name, report)
-        if labels["effusion_side"] in ("left", "right"):
-            assert labels["effusion_side"] in report.lower()
+        assert_report_agrees(labels, report)
+
+
+def test_paraphrase_column_is_another_report_of_the_same_case(tmp_path):
+    """The text pairs for `ct_siglip.simcse`: worded independently, true to the same labels."""
+    rows = read_csv(S.generate_dataset(tmp_path, 40, shape=(16, 32, 32), seed=3))
+    for r in rows:
+        assert_report_agrees(r, r[S.PARAPHRASE_COLUMN])
+        assert_report_agrees(r, r["findings"])
+    assert sum(r[S.PARAPHRASE_COLUMN] != r["findings"] for r in rows) == len(rows)
 
 
 def test_reports_are_varied():
