@@ -177,6 +177,10 @@ class Config:
     # Training
     batch_size: int = arg(4, "batch size per process (global batch = batch_size x processes x grad_accum_steps)", TRAIN)
     learning_rate: float = arg(1e-4, "peak learning rate", TRAIN)
+    text_learning_rate: float | None = arg(
+        None, "peak learning rate of the pretrained LLM's weights (LoRA weights in lora mode); its projection and "
+        "the image tower keep --learning_rate (default: --learning_rate for all)", TRAIN,
+    )
     weight_decay: float = arg(1e-4, "AdamW weight decay (not applied to biases, norms, t' and b)", TRAIN)
     warmup_steps: int = arg(1000, "linear warm-up steps, then cosine decay to --min_lr_ratio", TRAIN)
     min_lr_ratio: float = arg(0.0, "final learning rate as a fraction of the peak", TRAIN)

@@ -83,6 +83,7 @@ RESUME_MUST_MATCH = (
     "lora_alpha",
     "lora_target_modules",
     "fixed_temperature",
+    "text_learning_rate",  # None or a value: two or four optimizer groups, so the saved AdamW state differs
     "seed",
     "max_text_length",
     "text_instruction",
@@ -224,15 +225,28 @@ def build_eval_loader(
 
 
 def build_optimizer(model: nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW; weight decay only on matrices and kernels (not on biases, norms, t' and b)."""
-    decay, no_decay = [], []
+    """AdamW; weight decay only on matrices and kernels (not on biases, norms, t' and b).
+
+    With `--text_learning_rate` the pretrained LLM (`text_encoder.model.*`, LoRA weights included) gets its own
+    two groups at that rate: a tower that already separates reports by their findings should move slower than
+    the randomly initialised image tower and heads, which chase it.
+    """
+    split_text = cfg.text_learning_rate is not None
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or name.startswith("loss_fn.") else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        is_text = split_text and name.removeprefix("module.").startswith("text_encoder.model.")
+        decays = not (p.ndim < 2 or name.startswith("loss_fn."))
+        groups.setdefault((is_text, decays), []).append(p)
+    ordered = [(False, True), (False, False), (True, True), (True, False)]
+    param_groups = [
+        {"params": groups.get(key, []), "weight_decay": cfg.weight_decay if key[1] else 0.0,
+         "lr": cfg.text_learning_rate if key[0] else cfg.learning_rate}
+        for key in ordered[: 4 if split_text else 2]
+    ]  # fmt: skip
     fused = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-6, fused=fused)
+    return torch.optim.AdamW(param_groups, lr=cfg.learning_rate, betas=(0.9, 0.98), eps=1e-6, fused=fused)
 
 
 def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:

@@ -147,3 +147,31 @@ def test_bad_npz_stops_before_training_loses_nothing_and_names_the_row(small_csv
     code = siglip_trainer.main(tiny_args(small_csv, tmp_path / "bad", tiny_llama_dir, "--max_steps", "4"))
     err = capsys.readouterr().err
     assert code == 2 and "case05.npz" in err and "row 6" in err
+
+
+def test_text_learning_rate_gives_the_pretrained_llm_its_own_rate_and_every_weight_one_group(
+    small_csv, tmp_path, tiny_llama_dir
+):
+    from ct_siglip.config import parse_config
+    from ct_siglip.model import build_model
+    from ct_siglip.trainer import build_optimizer, lr_factor
+
+    def groups(*extra):
+        cfg = parse_config(tiny_args(small_csv, tmp_path / "run", tiny_llama_dir, "--learning_rate", "1e-3", *extra))
+        model = build_model(cfg, device=torch.device("cpu"))
+        opt = build_optimizer(model, cfg, torch.device("cpu"))
+        names = {id(p): n for n, p in model.named_parameters()}
+        seen = [id(p) for g in opt.param_groups for p in g["params"]]
+        assert sorted(seen) == sorted(id(p) for p in model.parameters() if p.requires_grad)  # each exactly once
+        return opt, [(g["lr"], g["weight_decay"], [names[id(p)] for p in g["params"]]) for g in opt.param_groups]
+
+    _, plain = groups()
+    assert [lr for lr, _, _ in plain] == [1e-3, 1e-3]
+    opt, split = groups("--text_learning_rate", "2e-5")
+    for lr, _, names in split:
+        assert names and all(n.startswith("text_encoder.model.") == (lr == 2e-5) for n in names)
+    assert {(lr, decay > 0) for lr, decay, _ in split} == {(1e-3, True), (1e-3, False), (2e-5, True), (2e-5, False)}
+    assert any(n.startswith("text_encoder.projection") for lr, _, names in split if lr == 1e-3 for n in names)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 2, 10, 0.0))
+    sched.step()
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([1e-3, 1e-3, 2e-5, 2e-5])  # the schedule scales each
