@@ -23,11 +23,11 @@ TEXT_MODEL = {"hidden_size": 64, "num_layers": 2, "lowercase": True, "prefix_spa
 """The tiny Llama built for the demo (`build_tiny_llama` arguments): uncased, so "No" and "no" are one token."""
 
 MNTP = {"steps": 150, "batch_size": 64, "learning_rate": 2e-3, "mask_probability": 0.2}
-"""LLM2Vec's MNTP step on the training reports (`ct_siglip.mntp`), ~25 s: without it the random Llama learns the
+"""LLM2Vec's MNTP step on the training reports (`ct_siglip.mntp`), ~20 s: without it the random Llama learns the
 report language (what "no" does) at CLIP speed; measured +0.10 mean zero-shot AUROC (0.70 -> 0.80)."""
 
 PAIRS = {"steps": 100, "batch_size": 64, "learning_rate": 1e-3}
-"""LLM2Vec's supervised contrastive step (`ct_siglip.simcse`) on pairs of reports of the same training case, ~25 s:
+"""LLM2Vec's supervised contrastive step (`ct_siglip.simcse`) on pairs of reports of the same training case, ~20 s:
 the pooled embedding comes to differ between reports by their findings, not their wording (see the guide)."""
 
 DEMO_SETTINGS = {
