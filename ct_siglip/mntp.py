@@ -85,10 +85,7 @@ def pretrain_mntp(
         hf_logging.set_verbosity(verbosity)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))
-    )
+    schedule = warmup_cosine(optimizer, steps)
     rng = np.random.default_rng(seed)
     losses: list[float] = []
     with torch.random.fork_rng(devices=[]):
@@ -129,26 +126,41 @@ def write_model(src: Path, out: Path, base: torch.nn.Module) -> None:
         shutil.rmtree(tmp, ignore_errors=True)  # after a failure; after the rename there is nothing left
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m ct_siglip.mntp --text_model DIR --csv_file data.csv --out DIR`: MNTP on a split's reports."""
+def warmup_cosine(optimizer: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """The text pretraining schedule (MNTP and pairs): linear warm-up over a tenth of `steps`, cosine to 0."""
+    warmup = max(1, steps // 10)
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))
+    )
+
+
+def pretrain_parser(description: str, *, steps: int, learning_rate: float, out_help: str):
+    """The arguments the text pretraining commands share (model, CSV split, output, optimisation, text format)."""
     import argparse
 
-    from .data import read_csv_table
-    from .errors import DataError
-
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--text_model", required=True, help="folder of a Llama-family model and its tokenizer")
-    p.add_argument("--csv_file", required=True, help="CSV with img_path, findings, split (only reports are read)")
-    p.add_argument("--split", default="train", help="the split whose reports are read (never the test split)")
+    p.add_argument("--csv_file", required=True, help="CSV with img_path, findings, split (only texts are read)")
+    p.add_argument("--split", default="train", help="the split whose rows are read (never the test split)")
     p.add_argument("--findings_column", default="findings")
-    p.add_argument("--out", required=True, help="folder for the adapted model (use it as --text_model)")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--out", required=True, help=out_help)
+    p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--learning_rate", type=float, default=2e-3)
-    p.add_argument("--mask_probability", type=float, default=0.2)
+    p.add_argument("--learning_rate", type=float, default=learning_rate)
     p.add_argument("--max_text_length", type=int, default=512)
     p.add_argument("--text_instruction", default=None, help="the --text_instruction the CLIP run will use")
     p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m ct_siglip.mntp --text_model DIR --csv_file data.csv --out DIR`: MNTP on a split's reports."""
+    from .data import read_csv_table
+    from .errors import DataError
+
+    p = pretrain_parser(__doc__.splitlines()[0], steps=200, learning_rate=2e-3,
+                        out_help="folder for the adapted model (use it as --text_model)")  # fmt: skip
+    p.add_argument("--mask_probability", type=float, default=0.2)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -50,7 +50,7 @@ def pretrain_pairs(
     """
     from llm2vec.loss.HardNegativeNLLLoss import HardNegativeNLLLoss
 
-    from .mntp import write_model
+    from .mntp import warmup_cosine, write_model
     from .text_tower import TextEncoder
 
     if steps < 1 or batch_size < 2:
@@ -66,10 +66,7 @@ def pretrain_pairs(
     encoder.train()
     params = [p for p in encoder.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=0.01)
-    warmup = max(1, steps // 10)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * min(s, steps) / steps))
-    )
+    schedule = warmup_cosine(optimizer, steps)
     loss_fn = HardNegativeNLLLoss(scale=scale)
     rng = np.random.default_rng(seed)
     size = min(batch_size, len(pairs))
@@ -93,26 +90,15 @@ def pretrain_pairs(
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ct_siglip.simcse --text_model DIR --csv_file data.csv --pair_column impressions --out DIR`."""
-    import argparse
-
     import pandas as pd
 
     from .data import read_csv_table
     from .errors import DataError
+    from .mntp import pretrain_parser
 
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--text_model", required=True, help="folder of a Llama-family model and its tokenizer")
-    p.add_argument("--csv_file", required=True, help="CSV with img_path, findings, split and the partner column")
+    p = pretrain_parser(__doc__.splitlines()[0], steps=100, learning_rate=1e-3,
+                        out_help="folder for the trained model (use it as --text_model)")  # fmt: skip
     p.add_argument("--pair_column", required=True, help="the column whose text says what the findings column says")
-    p.add_argument("--split", default="train", help="the split whose rows are read (never the test split)")
-    p.add_argument("--findings_column", default="findings")
-    p.add_argument("--out", required=True, help="folder for the trained model (use it as --text_model)")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--batch_size", type=int, default=64)
-    p.add_argument("--learning_rate", type=float, default=1e-3)
-    p.add_argument("--max_text_length", type=int, default=512)
-    p.add_argument("--text_instruction", default=None, help="the --text_instruction the CLIP run will use")
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
