@@ -141,9 +141,12 @@ def build_text_model(text_dir: Path, corpus: list[str], pairs: list[tuple[str, s
 def print_demo_summary(cfg: Config, metrics: dict[str, float], target: float = 0.90) -> None:
     from .runlog import format_table
 
-    rows = {k.removeprefix("val/"): v for k, v in metrics.items() if "zeroshot" in k or "R@" in k}
+    rows = {k.removeprefix("val/"): v for k, v in metrics.items() if "zeroshot_auroc" in k or "R@" in k}
     print(format_table(rows, title=f"Demo results (held-out split '{cfg.val_split}')"))
     mean = metrics.get("val/zeroshot_auroc_mean")
     if mean is not None:
         verdict = "reached" if mean >= target else "below"
         print(f"Mean zero-shot AUROC {mean:.3f} ({verdict} the {target:.2f} target). Run folder: {cfg.save_dir}")
+    on_reports = metrics.get("val/zeroshot_text_auroc_mean")
+    if on_reports is not None:  # the prompts scoring the reports: how well the text tower reads them
+        print(f"The same prompts on the held-out reports' own embeddings: mean AUROC {on_reports:.3f}")

@@ -59,7 +59,13 @@ def raise_batch_errors(batch: dict) -> None:
 def evaluate_embeddings(emb: dict[str, torch.Tensor], *, labels: dict[str, np.ndarray] | None = None,
                         encode_text: Callable[[list[str]], torch.Tensor] | None = None,
                         prefix: str = "val/", scores_out: dict[str, np.ndarray] | None = None) -> dict[str, float]:
-    """Metrics under the spec's names: loss, i2t/t2i R@1/5/10 and zero-shot AUROC per label and mean."""
+    """Metrics under the spec's names: loss, i2t/t2i R@1/5/10 and zero-shot AUROC per label and mean.
+
+    Also `zeroshot_text_auroc/<label>` (and its mean): the same prompts scoring the *reports'* embeddings. It tells
+    where a weak zero-shot label loses: if the prompts cannot find the finding in the reports either, the text
+    tower (its reading of the prompts) is at fault, not the image tower; the reports name every finding, so on a
+    well-read label it is close to 1.
+    """
     out: dict[str, float] = {f"{prefix}loss": emb["loss"]}
     sim = emb["image"] @ emb["text"].T
     out.update({f"{prefix}{k}": v for k, v in retrieval_recall(sim, ks=(1, 5, 10)).items()})
@@ -69,6 +75,8 @@ def evaluate_embeddings(emb: dict[str, torch.Tensor], *, labels: dict[str, np.nd
         scores: dict[str, np.ndarray] = {}
         auroc = zero_shot_auroc(emb["image"], encode_text, ordered, scores_out=scores)
         out.update({f"{prefix}{k}": v for k, v in auroc.items()})
+        on_reports = zero_shot_auroc(emb["text"], encode_text, ordered)
+        out.update({f"{prefix}{k.replace('zeroshot_auroc', 'zeroshot_text_auroc')}": v for k, v in on_reports.items()})
         if scores_out is not None:  # `score_<label>` / `label_<label>` arrays, as ct_siglip.plots reads them
             scores_out.update({f"score_{k}": v for k, v in scores.items()})
             scores_out.update({f"label_{k}": v for k, v in ordered.items()})

@@ -147,3 +147,22 @@ def test_zero_shot_auroc_on_constructed_embeddings():
     assert r["zeroshot_auroc_mean"] == 0.5  # mean over labels with a defined AUROC
     assert len(calls) == 1 and len(calls[0]) == 3 * 2 * len(ZERO_SHOT_TEMPLATES)  # one batched call
     assert "There is pleural effusion." in calls[0] and "There is no cardiomegaly." in calls[0]
+
+
+def test_evaluation_scores_the_prompts_on_the_reports_too():
+    """`zeroshot_text_auroc/<label>` is the zero-shot AUROC with the reports' embeddings in the images' place:
+    here the reports are read perfectly (1.0) while the images carry the finding inverted (0.0)."""
+    from ct_siglip.evaluate import evaluate_embeddings
+
+    def encode(texts):  # prompts about effusion along axis 0, negated ones the opposite way
+        return torch.tensor([[-1.0, 0.2] if " no " in f" {t.lower()} " else [1.0, 0.2] for t in texts])
+
+    y = np.array([1, 0, 1, 1, 0, 0])
+    text = torch.nn.functional.normalize(torch.tensor([[2 * v - 1.0, 0.5] for v in y]), dim=-1)
+    image = -text
+    emb = {"image": image, "text": text, "loss": 1.0, "index": torch.tensor([2, 0, 1, 3, 5, 4])}
+    labels = {"Pleural effusion": y[[1, 2, 0, 3, 5, 4]]}  # in table order: emb row k is table row index[k]
+    m = evaluate_embeddings(emb, labels=labels, encode_text=encode)
+    assert m["val/zeroshot_text_auroc/Pleural effusion"] == 1.0
+    assert m["val/zeroshot_text_auroc_mean"] == 1.0
+    assert m["val/zeroshot_auroc/Pleural effusion"] == 0.0
