@@ -73,9 +73,17 @@ def evaluate_embeddings(emb: dict[str, torch.Tensor], *, labels: dict[str, np.nd
         order = emb["index"].numpy()
         ordered = {name: np.asarray(values)[order] for name, values in labels.items()}
         scores: dict[str, np.ndarray] = {}
-        auroc = zero_shot_auroc(emb["image"], encode_text, ordered, scores_out=scores)
+        prompts: dict[tuple[str, ...], torch.Tensor] = {}
+
+        def encode_once(texts: list[str]) -> torch.Tensor:  # both scorings use the same prompts: encode them once
+            key = tuple(texts)
+            if key not in prompts:
+                prompts[key] = encode_text(texts)
+            return prompts[key]
+
+        auroc = zero_shot_auroc(emb["image"], encode_once, ordered, scores_out=scores)
         out.update({f"{prefix}{k}": v for k, v in auroc.items()})
-        on_reports = zero_shot_auroc(emb["text"], encode_text, ordered)
+        on_reports = zero_shot_auroc(emb["text"], encode_once, ordered)
         out.update({f"{prefix}{k.replace('zeroshot_auroc', 'zeroshot_text_auroc')}": v for k, v in on_reports.items()})
         if scores_out is not None:  # `score_<label>` / `label_<label>` arrays, as ct_siglip.plots reads them
             scores_out.update({f"score_{k}": v for k, v in scores.items()})

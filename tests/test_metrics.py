@@ -154,7 +154,10 @@ def test_evaluation_scores_the_prompts_on_the_reports_too():
     here the reports are read perfectly (1.0) while the images carry the finding inverted (0.0)."""
     from ct_siglip.evaluate import evaluate_embeddings
 
+    calls = []
+
     def encode(texts):  # prompts about effusion along axis 0, negated ones the opposite way
+        calls.append(texts)
         return torch.tensor([[-1.0, 0.2] if " no " in f" {t.lower()} " else [1.0, 0.2] for t in texts])
 
     y = np.array([1, 0, 1, 1, 0, 0])
@@ -166,3 +169,4 @@ def test_evaluation_scores_the_prompts_on_the_reports_too():
     assert m["val/zeroshot_text_auroc/Pleural effusion"] == 1.0
     assert m["val/zeroshot_text_auroc_mean"] == 1.0
     assert m["val/zeroshot_auroc/Pleural effusion"] == 0.0
+    assert len(calls) == 1  # the prompts are encoded once for both scorings
