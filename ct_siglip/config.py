@@ -54,6 +54,9 @@ class Config:
     findings_column: str = arg("findings", "column holding the report text", CSV)
     img_path_column: str = arg("img_path", "column holding the NPZ path", CSV)
     split_column: str = arg("split", "column holding the split name", CSV)
+    text_pair_column: str | None = arg(
+        None, "column with a second text of each study (a paraphrase, or the impression) for --text_pair_weight", CSV
+    )
     label_columns: list[str] = arg(
         [], "binary label columns (0/1, -1 = unknown) for zero-shot AUROC; 'auto' finds them", CSV, nargs="*"
     )
@@ -181,6 +184,14 @@ class Config:
         None, "peak learning rate of the pretrained LLM's weights (LoRA weights in lora mode); its projection and "
         "the image tower keep --learning_rate (default: --learning_rate for all)", TRAIN,
     )
+    text_pair_weight: float = arg(
+        0.0,
+        "weight of the report-pair loss added to the SigLIP loss: each training report's embedding must find its "
+        "--text_pair_column partner among the batch's (symmetric InfoNCE); keeps every finding in the text "
+        "embedding while the towers co-adapt (0 = off)",
+        TRAIN,
+    )
+    text_pair_temperature: float = arg(0.05, "temperature of the report-pair loss (LLM2Vec's 0.05)", TRAIN)
     weight_decay: float = arg(1e-4, "AdamW weight decay (not applied to biases, norms, t' and b)", TRAIN)
     warmup_steps: int = arg(1000, "linear warm-up steps, then cosine decay to --min_lr_ratio", TRAIN)
     min_lr_ratio: float = arg(0.0, "final learning rate as a fraction of the peak", TRAIN)
@@ -273,6 +284,16 @@ class Config:
                 "--cache_features cannot be used with --sentence_sampling: sampled reports change every epoch, so "
                 "their embeddings cannot be cached; use --sentence_sampling 0"
             )
+        if self.text_pair_weight < 0 or self.text_pair_temperature <= 0:
+            raise ConfigError("--text_pair_weight must be >= 0 and --text_pair_temperature > 0")
+        if self.text_pair_weight > 0:
+            if not self.text_pair_column or self.train_data_dir:
+                raise ConfigError(
+                    "--text_pair_weight needs --text_pair_column (a CSV column with a second text of each study); "
+                    "the directory + JSON mode has none"
+                )
+            if self.text_train == "frozen":
+                raise ConfigError("--text_pair_weight trains the text tower: use --text_train full or lora")
         if self.cache_features and self.augment != "none":
             raise ConfigError(
                 f"--cache_features cannot be used with --augment {self.augment}: augmented volumes change every "

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 class Table:
     """One split: resolved NPZ paths, report texts, source row numbers, optional label columns."""
 
-    frame: pd.DataFrame  # columns: path, text, row (+ label columns)
+    frame: pd.DataFrame  # columns: path, text, row (+ pair_text with a pair column, + label columns)
     source: str  # the CSV file or directory it came from
     label_columns: list[str]
     missing_reports: int = 0
@@ -71,6 +71,7 @@ def read_csv_table(
     missing_report_text: str = "No report available.",
     on_bad_rows: str = "error",
     known_splits: Sequence[str] = (),
+    pair_column: str | None = None,
 ) -> Table:
     """The rows of `split`; relative image paths resolve against the CSV's folder.
 
@@ -79,7 +80,8 @@ def read_csv_table(
     a repeated row (same image and report) is an error, or dropped (after the first) with
     `on_bad_rows="skip"`; one image in two splits leaks into validation and is an error, or a warning
     with "skip". Rows the run will not use (empty or unknown split value, given `known_splits`) and
-    missing reports (replaced by `missing_report_text`) are named in warnings.
+    missing reports (replaced by `missing_report_text`) are named in warnings. `pair_column` adds each row's
+    second text (`pair_text`; an empty one falls back to the row's report, with a warning).
     """
     csv_file = Path(csv_file)
     src = str(csv_file)
@@ -101,6 +103,7 @@ def read_csv_table(
         ("--img_path_column", img_path_column),
         ("--findings_column", findings_column),
         ("--split_column", split_column),
+        *((("--text_pair_column", pair_column),) if pair_column else ()),
     ):
         if col not in df.columns:
             raise DataError(
@@ -127,7 +130,7 @@ def read_csv_table(
             hint="check --train_split/--val_split and --split_column",
         )
     labels = resolve_label_columns(
-        df, label_columns or [], exclude={img_path_column, findings_column, split_column}, source=src
+        df, label_columns or [], exclude={img_path_column, findings_column, split_column, pair_column}, source=src
     )
     raw = df[img_path_column].fillna("").astype(str).str.strip()
     root = csv_file.resolve().parent
@@ -148,6 +151,12 @@ def read_csv_table(
     part = _check_repeats(df, part, splits, split, findings_column, on_bad_rows, src)
     texts, missing = _clean_reports(part[findings_column], missing_report_text)
     frame = pd.DataFrame({"path": part["__path"].to_numpy(), "text": texts.to_numpy(), "row": part["__row"].to_numpy()})
+    if pair_column:
+        empty = (part[pair_column].isna() | part[pair_column].astype(str).str.strip().eq("")).to_numpy()
+        if empty.any():
+            log.warning("%s, %s: empty %s; the report itself is used as its pair", src,
+                        rows_text(part["__row"][empty]), pair_column)  # fmt: skip
+        frame["pair_text"] = np.where(empty, frame["text"].to_numpy(), part[pair_column].astype(str).to_numpy())
     for c in labels:
         frame[c] = part[c].to_numpy()
     return Table(
@@ -301,6 +310,7 @@ class CTReportDataset(Dataset):
     loads the item: runs resume exactly and give the same batches with any number of workers.
     `cache_dir` (`--cache_dir`) serves decoded volumes from a `VolumeCache`, bit-identical to decoding.
     `sentence_sampling` (`--sentence_sampling`) is the per-item probability of `sample_sentences`.
+    `pair_texts` adds each item's partner text (`--text_pair_column`, whole) for the report-pair loss.
     """
 
     def __init__(
@@ -315,9 +325,11 @@ class CTReportDataset(Dataset):
         check_values: bool = True,
         cache_dir: str | None = None,
         sentence_sampling: float = 0.0,
+        pair_texts: bool = False,
     ):
         self.paths = table.frame["path"].to_numpy()
         self.texts = table.frame["text"].to_numpy()
+        self.pair_texts = table.frame["pair_text"].to_numpy() if pair_texts else None
         self.rows = table.frame["row"].to_numpy()
         self.source = table.source
         self.npz_key, self.channels, self.augment, self.seed = npz_key, channels, augment, seed
@@ -355,7 +367,10 @@ class CTReportDataset(Dataset):
         text = self.texts[item["index"]]
         if self.sentence_sampling > 0:  # own stream: the image draws stay those of a run without it
             text = sample_sentences(text, np.random.default_rng([self.seed, epoch, index, 1]), self.sentence_sampling)
-        return {**item, "image": image, "text": text}
+        out = {**item, "image": image, "text": text}
+        if self.pair_texts is not None:
+            out["pair_text"] = self.pair_texts[item["index"]]
+        return out
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -421,11 +436,15 @@ class Collator:
         if errors:
             return {"errors": errors, "bad": bad}
         texts = [it["text"] for it in items]
+        pairs = "pair_text" in items[0]
+        if pairs:  # the partners ride in the same text batch (rows B..2B-1): one text-tower call encodes both
+            texts += [it["pair_text"] for it in items]
         return {
             "images": torch.stack([it["image"] for it in items]),
             "text": self.tokenize(texts),
             "index": torch.tensor([it["index"] for it in items]),
             "bad": bad,
+            "pairs": pairs,
         }
 
 

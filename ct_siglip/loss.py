@@ -188,3 +188,19 @@ def _p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, 
     for req in dist.batch_isend_irecv(ops):
         req.wait()
     return tuple(outs)
+
+
+def text_pair_loss(first: torch.Tensor, second: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """Symmetric InfoNCE between two texts of each study (`--text_pair_weight`): row i of `first` must pick
+    row i of `second` among the batch's, and the reverse, on cosine similarity / `temperature`.
+
+    LLM2Vec's pair step (`ct_siglip.simcse`) uses the one-directional form of this loss before CLIP. During
+    CLIP it runs on the projected embeddings the SigLIP loss sees, on each process's own batch (the pairs are a
+    regulariser of the text tower, not part of the image-text objective, so no cross-process exchange), and
+    symmetric, so that both texts of a pair are pulled toward each other and neither drifts alone.
+    """
+    a = F.normalize(first.float(), dim=-1)
+    b = F.normalize(second.float(), dim=-1)
+    logits = a @ b.T / temperature
+    target = torch.arange(len(a), device=a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))

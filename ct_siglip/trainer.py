@@ -60,6 +60,7 @@ from .distributed import (
 from .errors import ConfigError, DataError
 from .evaluate import compute_embeddings, evaluate_embeddings, raise_batch_errors, text_encoder_fn
 from .feature_cache import cached_feature_loader
+from .loss import text_pair_loss
 from .model import ChestCTCLIP, build_model, count_parameters
 from .runlog import MetricsLogger, format_table
 
@@ -156,6 +157,7 @@ def load_table(cfg: Config, split: str, *, train: bool) -> Table | None:
             missing_report_text=cfg.missing_report_text,
             on_bad_rows=cfg.on_bad_sample,
             known_splits=known,
+            pair_column=cfg.text_pair_column if train and cfg.text_pair_weight > 0 else None,
         )
     folder = cfg.train_data_dir if train else cfg.val_data_dir
     if folder is None:
@@ -351,6 +353,7 @@ class SigLIPTrainer:
             on_bad_sample=cfg.on_bad_sample,
             cache_dir=cfg.cache_dir,
             sentence_sampling=cfg.sentence_sampling,
+            pair_texts=cfg.text_pair_weight > 0,
         )
         self.sampler = GlobalBatchSampler(
             len(self.train_set),
@@ -487,16 +490,27 @@ class SigLIPTrainer:
         }
 
     # -- steps -----------------------------------------------------------------------------------
-    def _embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def _embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Image and report embeddings, and the partner texts' embeddings when the batch carries them."""
         if "image_features" in batch:  # --cache_features: the heads on cached pooled features
             images, text = (batch[k].to(self.device, non_blocking=True) for k in ("image_features", "text_features"))
             with self.autocast():
                 img, txt, _ = self.forward_model(images, text, compute_loss=False, pooled=True)
-            return img, txt
+            return img, txt, None
         images, text = move_batch(batch, self.device, PRECISION_DTYPES[self.precision])
         with self.autocast():
             img, txt, _ = self.forward_model(images, text, compute_loss=False)
-        return img, txt
+        if batch.get("pairs"):  # rows B..2B-1 of the text batch are the partners (see `Collator`)
+            return img, txt[: len(img)], txt[len(img) :]
+        return img, txt, None
+
+    def _pair_term(self, txt: torch.Tensor, partner: torch.Tensor | None, share: float = 1.0) -> torch.Tensor | None:
+        """`--text_pair_weight` x the report-pair loss (times `share`, a micro-batch's part of the step), or None."""
+        if partner is None:
+            return None
+        loss = text_pair_loss(txt, partner, self.cfg.text_pair_temperature)
+        self.pair_losses.append(float(loss.detach()) * share)
+        return self.cfg.text_pair_weight * share * loss
 
     def _no_sync(self, skip: bool):
         """DDP's `no_sync` (gradients accumulate locally, no all-reduce) when `skip`, else nothing."""
@@ -521,16 +535,18 @@ class SigLIPTrainer:
         # Batch-norm statistics change in the forward pass; a skipped (non-finite) step must not keep them,
         # or one NaN batch would poison every later step. Buffers are small next to the weights.
         buffers = [b.clone() for b in self.model.buffers()]
+        self.pair_losses: list[float] = []
         if len(micro_batches) == 1:
-            img, txt = self._embed(micro_batches[0])
+            img, txt, partner = self._embed(micro_batches[0])
             loss = loss_fn(img, txt)
-            self.scaler.scale(loss).backward()
+            pair = self._pair_term(txt, partner)
+            self.scaler.scale(loss if pair is None else loss + pair).backward()
         else:
             states, imgs, txts = [], [], []
             with torch.no_grad(), frozen_norm_stats(self.model):
                 for mb in micro_batches:
                     states.append(rng_state(self.device))
-                    img, txt = self._embed(mb)
+                    img, txt, _ = self._embed(mb)
                     imgs.append(img.float())
                     txts.append(txt.float())
             img_all = torch.cat(imgs).requires_grad_()
@@ -544,8 +560,14 @@ class SigLIPTrainer:
             ):
                 set_rng_state(state, self.device)
                 with self._no_sync(k < last):
-                    img, txt = self._embed(mb)
-                    torch.autograd.backward([img.float(), txt.float()], [g_img, g_txt])
+                    img, txt, partner = self._embed(mb)
+                    # the pair loss pairs texts within each micro-batch (it is a text regulariser, see text_pair_loss)
+                    pair = self._pair_term(txt, partner, share=1.0 / len(micro_batches))
+                    outputs, grads = [img.float(), txt.float()], [g_img, g_txt]
+                    if pair is not None:
+                        outputs.append(self.scaler.scale(pair))
+                        grads.append(None)
+                    torch.autograd.backward(outputs, grads)
         loss_value = self._average_loss_and_scalar_grads(loss)
         self.scaler.unscale_(self.optimizer)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
@@ -566,7 +588,10 @@ class SigLIPTrainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return {"loss": float(loss_value), "grad_norm": float(grad_norm), "finite": finite}
+        out = {"loss": float(loss_value), "grad_norm": float(grad_norm), "finite": finite}
+        if self.pair_losses:  # this rank's own value (not averaged over ranks: it is logged, never compared)
+            out["pair_loss"] = sum(self.pair_losses)
+        return out
 
     def _average_loss_and_scalar_grads(self, loss: torch.Tensor) -> torch.Tensor:
         """The loss value and the gradients of t' and b, averaged over ranks in one all-reduce.
@@ -851,6 +876,8 @@ class SigLIPTrainer:
             "train/bad_samples": self.bad_samples,
             "train/skipped_steps": self.skipped_steps,
         }
+        if "pair_loss" in out:
+            metrics["train/pair_loss"] = out["pair_loss"]
         self.metrics.log(self.step, metrics)
         if self.is_main:
             tqdm.write(f"Step {self.step}: Loss = {out['loss']:.4f}, LR = {lr:.2e}")
