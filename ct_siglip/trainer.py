@@ -509,7 +509,7 @@ class SigLIPTrainer:
         if partner is None:
             return None
         loss = text_pair_loss(txt, partner, self.cfg.text_pair_temperature)
-        self.pair_losses.append(float(loss.detach()) * share)
+        self.pair_losses.append(loss.detach() * share)  # read after the step: no device sync before backward
         return self.cfg.text_pair_weight * share * loss
 
     def _no_sync(self, skip: bool):
@@ -535,7 +535,7 @@ class SigLIPTrainer:
         # Batch-norm statistics change in the forward pass; a skipped (non-finite) step must not keep them,
         # or one NaN batch would poison every later step. Buffers are small next to the weights.
         buffers = [b.clone() for b in self.model.buffers()]
-        self.pair_losses: list[float] = []
+        self.pair_losses: list[torch.Tensor] = []
         if len(micro_batches) == 1:
             img, txt, partner = self._embed(micro_batches[0])
             loss = loss_fn(img, txt)
@@ -590,7 +590,7 @@ class SigLIPTrainer:
         self.scheduler.step()
         out = {"loss": float(loss_value), "grad_norm": float(grad_norm), "finite": finite}
         if self.pair_losses:  # this rank's own value (not averaged over ranks: it is logged, never compared)
-            out["pair_loss"] = sum(self.pair_losses)
+            out["pair_loss"] = float(sum(self.pair_losses))
         return out
 
     def _average_loss_and_scalar_grads(self, loss: torch.Tensor) -> torch.Tensor:
