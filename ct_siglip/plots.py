@@ -20,6 +20,19 @@ def _series(records: list[dict], name: str) -> tuple[list[int], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+def curve_panels(records: list[dict]) -> list[tuple[str, list[str]]]:
+    """(title, metric names) of each panel of `plot_curves`, keeping only the metrics the run logged."""
+    panels = [
+        ("loss", ["train/loss", "val/loss", "train/pair_loss"]),  # the pair loss: --text_pair_weight runs
+        ("learning rate", ["train/lr"]),
+        ("temperature t and bias b", ["train/t", "train/b"]),
+        ("retrieval", [f"val/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]),
+        ("zero-shot AUROC", sorted({k for r in records for k in r if k.startswith("val/zeroshot_auroc")})),
+    ]
+    panels = [(t, [n for n in names if _series(records, n)[0]]) for t, names in panels]
+    return [(t, names) for t, names in panels if names]
+
+
 def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Loss (train and val), learning rate, t and b, retrieval and zero-shot AUROC against the step."""
     import matplotlib
@@ -29,15 +42,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     run_dir = Path(run_dir)
     records = read_metrics(run_dir / "metrics.jsonl")
-    panels = [
-        ("loss", ["train/loss", "val/loss"]),
-        ("learning rate", ["train/lr"]),
-        ("temperature t and bias b", ["train/t", "train/b"]),
-        ("retrieval", [f"val/{d}_R@{k}" for d in ("i2t", "t2i") for k in (1, 5, 10)]),
-        ("zero-shot AUROC", sorted({k for r in records for k in r if k.startswith("val/zeroshot_auroc")})),
-    ]
-    panels = [(t, [n for n in names if _series(records, n)[0]]) for t, names in panels]
-    panels = [(t, names) for t, names in panels if names]
+    panels = curve_panels(records)
     cols = 2
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(11, 3.4 * rows), squeeze=False)

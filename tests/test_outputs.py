@@ -30,6 +30,15 @@ def test_roc_points_trace_the_curve_whose_area_is_the_auroc():
     assert abs(np.trapezoid(tpr, fpr) - roc_auc(scores, labels)) < 1e-12
 
 
+def test_curve_panels_show_what_the_run_logged_and_the_pair_loss_beside_the_loss():
+    from ct_siglip.plots import curve_panels
+
+    plain = [{"step": 1, "train/loss": 4.0, "train/lr": 1e-4}, {"step": 2, "val/loss": 3.0}]
+    assert curve_panels(plain) == [("loss", ["train/loss", "val/loss"]), ("learning rate", ["train/lr"])]
+    paired = [{"step": 1, "train/loss": 4.0, "train/pair_loss": 2.5}]
+    assert curve_panels(paired) == [("loss", ["train/loss", "train/pair_loss"])]
+
+
 def test_plots_command_draws_curves_and_roc_from_a_run_folder(tmp_path):
     records = [{"step": s, "train/loss": 5.0 / s, "train/lr": 1e-4, "train/t": 10.0, "train/b": -10.0} for s in (1, 2, 3)]
     records.append({"step": 3, "val/loss": 2.0, "val/i2t_R@1": 0.5, "val/zeroshot_auroc_mean": 0.8})
