@@ -287,7 +287,8 @@ class Config:
         if self.text_pair_weight < 0 or self.text_pair_temperature <= 0:
             raise ConfigError("--text_pair_weight must be >= 0 and --text_pair_temperature > 0")
         if self.text_pair_weight > 0:
-            if not self.text_pair_column or self.train_data_dir:
+            demo_fills_in = self.demo and self.csv_file is None  # --demo sets its CSV and pair column later
+            if self.train_data_dir or not (self.text_pair_column or demo_fills_in):
                 raise ConfigError(
                     "--text_pair_weight needs --text_pair_column (a CSV column with a second text of each study); "
                     "the directory + JSON mode has none"

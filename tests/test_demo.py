@@ -49,6 +49,9 @@ def test_flags_typed_with_demo_override_its_settings_booleans_included():
     assert values["freeze_image_stem"] is False and values["max_steps"] == 5 and values["sentence_sampling"] == 0
     assert values["channels_last"] is True and values["batch_size"] == demo.DEMO_SETTINGS["batch_size"]
     assert demo.demo_values(parse_config(["--demo"]), ["--demo"])["freeze_image_stem"] is True
+    argv = ["--demo", "--text_pair_weight", "1.0"]  # the demo's own pair column comes with the weight
+    values = demo.demo_values(parse_config(argv), argv)
+    assert (values["text_pair_weight"], values["text_pair_column"]) == (1.0, "findings_paraphrase")
 
 
 def test_a_text_model_or_csv_typed_with_demo_is_used_and_nothing_is_built(tmp_path, monkeypatch):
