@@ -47,9 +47,11 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(11, 3.4 * rows), squeeze=False)
     for ax, (title, names) in zip(axes.flat, panels):
-        for n in names:
+        short = [n.split("/", 1)[1] for n in names]
+        for n, s in zip(names, short):
             x, y = _series(records, n)
-            ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=n.split("/", 1)[1], lw=1.5)
+            label = n if short.count(s) > 1 else s  # train/loss and val/loss keep their prefix
+            ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label, lw=1.5)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
