@@ -17,11 +17,21 @@ from ct_siglip.image_tower import ImageEncoder
 from ct_siglip.loss import SigLIPLoss
 from ct_siglip.model import ChestCTCLIP, build_model
 from ct_siglip.text_tower import TextEncoder
-from ct_siglip.trainer import SigLIPTrainer, main, run
+from ct_siglip.train import main, run
+from ct_siglip.trainer import SigLIPTrainer
 
 __all__ = [
-    "ChestCTCLIP", "Config", "ImageEncoder", "SigLIPLoss", "SigLIPTrainer", "TextEncoder",
-    "build_model", "build_parser", "main", "parse_config", "run",
+    "ChestCTCLIP",
+    "Config",
+    "ImageEncoder",
+    "SigLIPLoss",
+    "SigLIPTrainer",
+    "TextEncoder",
+    "build_model",
+    "build_parser",
+    "main",
+    "parse_config",
+    "run",
 ]
 
 if __name__ == "__main__":

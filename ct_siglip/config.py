@@ -181,8 +181,10 @@ class Config:
     batch_size: int = arg(4, "batch size per process (global batch = batch_size x processes x grad_accum_steps)", TRAIN)
     learning_rate: float = arg(1e-4, "peak learning rate", TRAIN)
     text_learning_rate: float | None = arg(
-        None, "peak learning rate of the pretrained LLM's weights (LoRA weights in lora mode); its projection and "
-        "the image tower keep --learning_rate (default: --learning_rate for all)", TRAIN,
+        None,
+        "peak learning rate of the pretrained LLM's weights (LoRA weights in lora mode); its projection and "
+        "the image tower keep --learning_rate (default: --learning_rate for all)",
+        TRAIN,
     )
     text_pair_weight: float = arg(
         0.0,

@@ -107,7 +107,9 @@ def demo_config(cfg: Config, argv: list[str] | None = None) -> Config:
         reports = table["findings"].astype(str).tolist()
         train = table[table["split"] == "train"]  # the text pretraining never reads the test split
         pairs = list(zip(train["findings"].astype(str), train[PARAPHRASE_COLUMN].astype(str)))
-        corpus = reports + [f"There is {f.lower()}." for f in FINDINGS] + [f"There is no {f.lower()}." for f in FINDINGS]
+        corpus = (
+            reports + [f"There is {f.lower()}." for f in FINDINGS] + [f"There is no {f.lower()}." for f in FINDINGS]
+        )
         # keyed on the texts, the model's size and both pretraining steps: a changed generator or setting never
         # reuses a stale model
         key = hashlib.sha256(json.dumps([TEXT_MODEL, MNTP, PAIRS, corpus, pairs]).encode()).hexdigest()[:12]
@@ -133,7 +135,7 @@ def build_text_model(text_dir: Path, corpus: list[str], pairs: list[tuple[str, s
 
     from .mntp import pretrain_mntp
     from .simcse import pretrain_pairs
-    from .text_tower import build_tiny_llama
+    from .tiny_models import build_tiny_llama
 
     # the fast tokenizer's thread pool, used here, would be forked into the loader workers (a warning, no gain)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -13,7 +13,7 @@ class DataError(ValueError):
             where.append(str(path))
         if row is not None:
             where.append(f"row {row}")
-        msg = (": ".join([", ".join(where), problem]) if where else problem)
+        msg = ": ".join([", ".join(where), problem]) if where else problem
         if hint:
             msg += f" ({hint})"
         super().__init__(msg)
@@ -28,3 +28,11 @@ def _rebuild_data_error(problem, path, row, hint):
 
 class ConfigError(ValueError):
     """A setting that cannot work; the message says which flag to change."""
+
+
+class LoaderFailure(RuntimeError):
+    """The data loader's workers died or delivered nothing within `--loader_timeout`."""
+
+
+class PeerFailure(RuntimeError):
+    """Another rank failed; this rank saved with it and stops too."""

@@ -16,19 +16,24 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .config import Config
 from .data import move_batch
+from .errors import DataError
+from .loaders import build_eval_loader
 from .metrics import retrieval_recall, zero_shot_auroc
+from .model import load_model_from_checkpoint
+from .runlog import MetricsLogger, format_table
+from .runtime import PRECISION_DTYPES, autocast_factory, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def compute_embeddings(model, loader, device: torch.device, precision: str, *,
-                       progress: bool = True) -> dict[str, torch.Tensor]:
+def compute_embeddings(
+    model, loader, device: torch.device, precision: str, *, progress: bool = True
+) -> dict[str, torch.Tensor]:
     """Image and text embeddings of a whole split (float32, on the CPU), in data-set order, plus the
     mean SigLIP loss over the loader's batches (the same batch size as training, so comparable)."""
-    from .trainer import PRECISION_DTYPES, autocast_factory
-
     autocast = autocast_factory(device, precision)
     was_training = model.training
     model.eval()
@@ -51,14 +56,17 @@ def compute_embeddings(model, loader, device: torch.device, precision: str, *,
 
 
 def raise_batch_errors(batch: dict) -> None:
-    from .errors import DataError
-
     raise DataError(batch["errors"][0])
 
 
-def evaluate_embeddings(emb: dict[str, torch.Tensor], *, labels: dict[str, np.ndarray] | None = None,
-                        encode_text: Callable[[list[str]], torch.Tensor] | None = None,
-                        prefix: str = "val/", scores_out: dict[str, np.ndarray] | None = None) -> dict[str, float]:
+def evaluate_embeddings(
+    emb: dict[str, torch.Tensor],
+    *,
+    labels: dict[str, np.ndarray] | None = None,
+    encode_text: Callable[[list[str]], torch.Tensor] | None = None,
+    prefix: str = "val/",
+    scores_out: dict[str, np.ndarray] | None = None,
+) -> dict[str, float]:
     """Metrics under the spec's names: loss, i2t/t2i R@1/5/10 and zero-shot AUROC per label and mean.
 
     Also `zeroshot_text_auroc/<label>` (and its mean): the same prompts scoring the *reports'* embeddings. It tells
@@ -100,7 +108,7 @@ def text_encoder_fn(model, device: torch.device, autocast, batch_size: int = 64)
         model.eval()
         outs = []
         for i in range(0, len(texts), batch_size):
-            batch = model.text_encoder.tokenize(texts[i:i + batch_size])
+            batch = model.text_encoder.tokenize(texts[i : i + batch_size])
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast():
                 outs.append(model.encode_text(batch).float().cpu())
@@ -112,16 +120,6 @@ def text_encoder_fn(model, device: torch.device, autocast, batch_size: int = 64)
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate a checkpoint of this package on one split of a CSV."""
-    from .config import Config
-    from .runlog import MetricsLogger, format_table
-    from .trainer import (
-        autocast_factory,
-        build_eval_loader,
-        load_model_from_checkpoint,
-        resolve_device,
-        resolve_precision,
-    )
-
     p = argparse.ArgumentParser(description="Evaluate a chest-CT SigLIP checkpoint on one split.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of this package (step_*.pt or best.pt)")
     p.add_argument("--csv_file", required=True)
@@ -130,13 +128,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--device", default="auto")
-    p.add_argument("--out_dir", default=None, help="where metrics.jsonl and the embeddings go (default: beside the checkpoint)")
+    p.add_argument(
+        "--out_dir", default=None, help="where metrics.jsonl and the embeddings go (default: beside the checkpoint)"
+    )
     p.add_argument("--save_embeddings", action="store_true", help="write image/text embeddings of the split")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
     model, cfg_dict, step = load_model_from_checkpoint(args.checkpoint, device=device)
-    cfg_dict.update(csv_file=args.csv_file, train_data_dir=None, demo=False,
-                    num_workers=args.num_workers, val_split=args.split)
+    cfg_dict.update(
+        csv_file=args.csv_file, train_data_dir=None, demo=False, num_workers=args.num_workers, val_split=args.split
+    )
     if args.label_columns is not None:
         cfg_dict["label_columns"] = args.label_columns
     if args.batch_size:
@@ -148,8 +149,13 @@ def main(argv: list[str] | None = None) -> int:
     emb = compute_embeddings(model, loader, device, precision)
     labels = {c: table.frame[c].to_numpy() for c in table.label_columns}
     scores: dict[str, np.ndarray] = {}
-    metrics = evaluate_embeddings(emb, labels=labels, encode_text=text_encoder_fn(model, device, autocast),
-                                  prefix=f"{args.split}/", scores_out=scores)
+    metrics = evaluate_embeddings(
+        emb,
+        labels=labels,
+        encode_text=text_encoder_fn(model, device, autocast),
+        prefix=f"{args.split}/",
+        scores_out=scores,
+    )
     out_dir = Path(args.out_dir or Path(args.checkpoint).parent)
     out_dir.mkdir(parents=True, exist_ok=True)
     if scores:
@@ -157,9 +163,15 @@ def main(argv: list[str] | None = None) -> int:
     MetricsLogger(out_dir, tensorboard=False).log(step, metrics)
     if args.save_embeddings:
         path = out_dir / f"embeddings_{args.split}.pt"
-        torch.save({"image": emb["image"], "text": emb["text"],
-                    "img_path": [table.frame["path"][i] for i in emb["index"].tolist()],
-                    "row": [int(table.frame["row"][i]) for i in emb["index"].tolist()]}, path)
+        torch.save(
+            {
+                "image": emb["image"],
+                "text": emb["text"],
+                "img_path": [table.frame["path"][i] for i in emb["index"].tolist()],
+                "row": [int(table.frame["row"][i]) for i in emb["index"].tolist()],
+            },
+            path,
+        )
         print(f"Embeddings written to {path}")
     print(format_table(metrics, title=f"{args.split} ({len(table)} samples)"))
     return 0

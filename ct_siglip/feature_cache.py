@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .data import CTReportDataset, draw_sample, ignore_stop_signals, move_batch
 from .distributed import all_gather_objects
 from .errors import DataError
+from .runtime import PRECISION_DTYPES, autocast_factory
 
 log = logging.getLogger("ct_siglip")
 
@@ -193,8 +194,6 @@ def compute_features(
 ) -> dict[int, DataError]:
     """Pooled image and text features of rows `indices` into `store` (volumes decoded by `num_workers` loader
     workers); returns the rows that could not be loaded, with their errors."""
-    from .trainer import PRECISION_DTYPES, autocast_factory
-
     if not indices:
         return {}
     autocast = autocast_factory(device, precision)

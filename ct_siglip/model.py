@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from . import checkpoint as ckpt
+from .config import Config
 from .loss import SigLIPLoss
 
 log = logging.getLogger("ct_siglip")
@@ -50,32 +54,57 @@ class ChestCTCLIP(nn.Module):
         return image_emb, text_emb, (self.loss_fn(image_emb, text_emb) if compute_loss else None)
 
 
-def build_model(cfg, *, device: torch.device, rank: int = 0, world_size: int = 1,
-                text_dtype: torch.dtype | None = None) -> ChestCTCLIP:
+def build_model(
+    cfg, *, device: torch.device, rank: int = 0, world_size: int = 1, text_dtype: torch.dtype | None = None
+) -> ChestCTCLIP:
     """Towers and loss as the config says (weights loaded, freezing and checkpointing applied)."""
     from .image_tower import ImageEncoder
     from .text_tower import TextEncoder
 
     weights = None if str(cfg.image_weights).lower() == "none" else cfg.image_weights
     image = ImageEncoder(
-        in_channels=cfg.in_channels, depth=cfg.image_depth, width=cfg.image_width, pretrained=weights,
-        freeze_backbone=cfg.freeze_image_backbone, freeze_stem=cfg.freeze_image_stem, embed_dim=cfg.embed_dim, proj_dropout=cfg.proj_dropout,
-        checkpointing=cfg.image_checkpointing, channels_last=cfg.channels_last, compile=cfg.compile,
+        in_channels=cfg.in_channels,
+        depth=cfg.image_depth,
+        width=cfg.image_width,
+        pretrained=weights,
+        freeze_backbone=cfg.freeze_image_backbone,
+        freeze_stem=cfg.freeze_image_stem,
+        embed_dim=cfg.embed_dim,
+        proj_dropout=cfg.proj_dropout,
+        checkpointing=cfg.image_checkpointing,
+        channels_last=cfg.channels_last,
+        compile=cfg.compile,
     )
     if image.load_report is not None:
         from .image_tower import format_load_report
 
         log.info(format_load_report(image.load_report))
     text = TextEncoder(
-        cfg.text_model, text_model_path=cfg.text_model_path, pooling_mode=cfg.pooling_mode,
-        max_length=cfg.max_text_length, instruction=cfg.text_instruction, train_mode=cfg.text_train,
-        embed_dim=cfg.embed_dim, peft_path=cfg.text_peft_path, lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout, lora_target_modules=tuple(cfg.lora_target_modules), torch_dtype=text_dtype,
-        gradient_checkpointing=cfg.text_checkpointing, chat_template=cfg.text_chat_template,
+        cfg.text_model,
+        text_model_path=cfg.text_model_path,
+        pooling_mode=cfg.pooling_mode,
+        max_length=cfg.max_text_length,
+        instruction=cfg.text_instruction,
+        train_mode=cfg.text_train,
+        embed_dim=cfg.embed_dim,
+        peft_path=cfg.text_peft_path,
+        lora_r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        lora_target_modules=tuple(cfg.lora_target_modules),
+        torch_dtype=text_dtype,
+        gradient_checkpointing=cfg.text_checkpointing,
+        chat_template=cfg.text_chat_template,
         cache_dir=cfg.text_cache_dir,
     )
-    loss = SigLIPLoss(cfg.temperature, cfg.bias_init, learnable=not cfg.fixed_temperature, rank=rank,
-                      world_size=world_size, dist_impl=cfg.loss_dist_impl)
+    loss = SigLIPLoss(
+        cfg.temperature,
+        cfg.bias_init,
+        learnable=not cfg.fixed_temperature,
+        rank=rank,
+        world_size=world_size,
+        dist_impl=cfg.loss_dist_impl,
+    )
     return ChestCTCLIP(image, text, loss).to(device)
 
 
@@ -84,3 +113,15 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return total, trainable
+
+
+def load_model_from_checkpoint(path: str | Path, *, device: torch.device) -> tuple[ChestCTCLIP, dict, int]:
+    """Rebuild the model a checkpoint was trained with and load its weights (strict)."""
+    state = ckpt.load_checkpoint(path)
+    cfg = Config.from_dict(state["config"])
+    cfg_for_build = Config.from_dict(
+        {**state["config"], "image_weights": "none", "text_model_path": None, "init_from": None}
+    )
+    model = build_model(cfg_for_build, device=device)
+    model.load_state_dict(state["model"])
+    return model, asdict(cfg), int(state.get("step", 0))

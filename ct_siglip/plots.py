@@ -1,6 +1,6 @@
 """PNG pictures of a run: training curves from `metrics.jsonl`, ROC curves from an evaluation.
 
-    python -m ct_siglip.plots RUN_DIR            # -> RUN_DIR/curves.png (+ roc_<split>.png if evaluated)
+python -m ct_siglip.plots RUN_DIR            # -> RUN_DIR/curves.png (+ roc_<split>.png if evaluated)
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.suptitle(f"{run_dir.name}: training curves")
     fig.tight_layout()

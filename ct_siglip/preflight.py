@@ -6,11 +6,13 @@ file is opened and checked against the data contract (`volume_io.load_volume`) i
 keyed by the file's size and modification time and by the settings that define "valid" (NPZ key,
 channel count), so a restarted or resumed run re-checks only files that changed.
 
-This module does not import torch: the checks run in plain forked processes.
+The checks use NumPy only, in plain forked processes. `preflight_tables` applies the run's policy to what they
+find: stop with the first bad file, or replace bad training rows and leave bad validation rows out.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import multiprocessing
@@ -20,7 +22,9 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .data import Table
+from .config import Config
+from .data import Table, rows_text
+from .distributed import all_gather_objects
 from .errors import DataError
 from .volume_io import load_volume
 
@@ -174,3 +178,55 @@ def run_preflight(
     errors = [e for t in tables for e in table_errors(t, verdicts)]
     log.info("Preflight: %d files checked in %.1f s (%d bad)", len(paths), time.perf_counter() - t0, len(errors))
     return errors
+
+
+def preflight_tables(
+    cfg: Config, train: Table, val: Table | None, run_dir: Path, rank: int, world_size: int
+) -> Table | None:
+    """Check every file before step 1 (see `preflight`). With --on_bad_sample error any bad file stops the
+    run here; with skip, bad training rows are replaced when drawn (counted) unless there are too many,
+    and bad validation rows are left out. Returns the validation table to use."""
+    tables = [t for t in (train, val) if t is not None]
+    errors = run_preflight(
+        tables,
+        npz_key=cfg.npz_key,
+        channels=cfg.in_channels,
+        workers=cfg.num_workers,
+        cache_file=run_dir / CACHE_NAME,
+        rank=rank,
+        world_size=world_size,
+        exchange=all_gather_objects,
+    )
+    if not errors:
+        return val
+    listing = run_dir / "preflight_errors.csv"
+    if rank == 0:
+        with open(listing, "w", newline="") as f:
+            csv.writer(f).writerows([["path", "row", "problem"], *[[e.path, e.row, e.problem] for e in errors]])
+    first = errors[0]
+    if cfg.on_bad_sample == "error":
+        more = f"; {len(errors) - 1} more bad rows in {listing}" if len(errors) > 1 else ""
+        raise DataError(
+            first.problem,
+            path=first.path,
+            row=first.row,
+            hint=f"{first.hint or 'fix the file'}{more}; --on_bad_sample skip replaces bad samples",
+        )
+    train_paths = set(train.frame["path"])
+    n_train = sum(e.path in train_paths for e in errors)
+    if n_train > cfg.max_bad_fraction * len(train):
+        raise DataError(
+            f"{n_train} of {len(train)} training rows are bad, above --max_bad_fraction {cfg.max_bad_fraction}",
+            path=str(listing),
+            hint="fix or remove the files listed there",
+        )
+    log.warning("Preflight: %d bad training rows will be replaced when drawn (listed in %s)", n_train, listing)
+    if val is not None:
+        bad = {e.path for e in errors}
+        keep = ~val.frame["path"].isin(bad)
+        if not keep.all():
+            log.warning(
+                "Preflight: %s of the validation split left out (bad files)", rows_text(val.frame["row"][~keep])
+            )
+            val = Table(val.frame[keep].reset_index(drop=True), val.source, val.label_columns, val.missing_reports)
+    return val

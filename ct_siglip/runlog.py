@@ -1,12 +1,28 @@
-"""Run outputs: metrics to `metrics.jsonl` and TensorBoard (rank 0 only), and console tables."""
+"""Run outputs: the console and `train.log`, metrics to `metrics.jsonl` and TensorBoard (rank 0 only), tables."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
+
+FILE_ONLY = {"file_only": True}  # `extra=` for a record the console already shows (on stderr)
+
+
+def setup_logging(run_dir: Path | None, is_main: bool) -> None:
+    """Messages to the console (rank 0 at INFO, other ranks warnings only) and to `run_dir/train.log`."""
+    console = logging.StreamHandler(sys.stdout)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
+    handlers: list[logging.Handler] = [console]
+    if run_dir is not None and is_main:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING, format="%(message)s", handlers=handlers, force=True
+    )
 
 
 class MetricsLogger:
@@ -70,8 +86,15 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 def format_table(metrics: dict[str, Any], title: str = "Validation") -> str:
     """A small two-column table for the console."""
-    rows = [(k, "n/a" if v is None or (isinstance(v, float) and not math.isfinite(v)) else
-             (f"{v:.4f}" if isinstance(v, float) else str(v))) for k, v in metrics.items()]
+    rows = [
+        (
+            k,
+            "n/a"
+            if v is None or (isinstance(v, float) and not math.isfinite(v))
+            else (f"{v:.4f}" if isinstance(v, float) else str(v)),
+        )
+        for k, v in metrics.items()
+    ]
     width = max([len(k) for k, _ in rows] + [len(title)])
     vwidth = max([len(v) for _, v in rows] + [6])
     line = "+" + "-" * (width + 2) + "+" + "-" * (vwidth + 2) + "+"

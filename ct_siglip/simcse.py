@@ -118,7 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"pair training loss {result['pairs_loss_first']:.3f} -> {result['pairs_loss_last']:.3f}; model in {args.out}")
+    print(
+        f"pair training loss {result['pairs_loss_first']:.3f} -> {result['pairs_loss_last']:.3f}; model in {args.out}"
+    )
     return 0
 
 

@@ -1,12 +1,15 @@
 """Text tower: an LLM2Vec model (bidirectional decoder LLM) pooled over radiology reports, then projected.
 
-Three pieces:
+Two pieces:
 - `TextTokenizer` turns reports into what llm2vec's forward needs (`input_ids`, `attention_mask`, `embed_mask`)
   plus a stable `text_hash`. It is picklable and holds no model: it runs in DataLoader workers.
 - `TextEncoder` loads the LLM with `llm2vec.LLM2Vec.from_pretrained`, optionally overlays fine-tuned weights
   (a state dict, the llm2vec4cxr release, or a checkpoint of this package), pools, and projects to `embed_dim`.
   It trains in one of three modes: `full`, `lora` (peft) or `frozen` (each distinct report embedded once, cached).
-- `build_tiny_llama` writes a random few-layer Llama with a freshly trained tokenizer, for offline tests and demos.
+
+Moved out of this module: reading weight files and folders (`read_text_weights`, `canonical_text_state`) is
+in `text_weights`, the frozen-mode embedding cache (`TextEmbeddingCache`) in `text_cache`, and the tiny
+offline Llama for tests and demos (`build_tiny_llama`) in `tiny_models`.
 
 Exactness: tokenization equals `LLM2Vec.tokenize`, and pooling equals llm2vec's `get_pooling` (tested); both are
 vectorised over the batch where llm2vec loops per sample.
@@ -17,13 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import pickle
-import re
-import time
-import uuid
-import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -39,6 +36,17 @@ from .pooling import (
     masked_mean,
     weighted_mean,
 )
+from .text_cache import TextEmbeddingCache
+from .text_weights import (
+    WEIGHT_SUFFIXES,
+    canonical_text_state,
+    few,
+    has_lora,
+    latent_weights_in_base,
+    looks_like_hub_id,
+    not_available,
+    read_text_weights,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +59,6 @@ DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 # The Llama-3 user turn that the llm2vec4cxr wrapper puts around every text (its `prepare_for_tokenization`).
 LLAMA3_USER_PREFIX = "<|start_header_id|>user<|end_header_id|>\n\n"
 LLAMA3_USER_SUFFIX = "<|eot_id|>"
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
 
 def text_hash(text: str) -> int:
@@ -134,251 +141,6 @@ class TextTokenizer:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reading weights
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _looks_like_hub_id(name: str) -> bool:
-    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", name) is not None and not name.startswith((".", "~"))
-
-
-def _not_available(what: str, name: str, flag: str) -> ConfigError:
-    return ConfigError(
-        f"cannot load {what} '{name}': it is not a local folder and is not in the Hugging Face cache (offline, "
-        f"or no network). Pass a local folder with {flag} /path/to/folder, or set HF_HOME to a cache that holds it."
-    )
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    """The weight files of a saved model folder: safetensors preferred, sharded or not; else pytorch_model*.bin."""
-    for index_name, pattern in (
-        ("model.safetensors.index.json", "*.safetensors"),
-        ("pytorch_model.bin.index.json", "pytorch_model*.bin"),
-    ):
-        index = folder / index_name
-        if index.is_file():
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            return [folder / s for s in shards]
-        files = sorted(f for f in folder.glob(pattern) if f.name != "adapter_model.safetensors")
-        if files:
-            return files
-    return []
-
-
-def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
-    """One file -> flat state dict. A checkpoint of this package (`{"model": ..., "config": ...}`) gives its model."""
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if path.suffix not in _WEIGHT_SUFFIXES:
-        raise ConfigError(f"--text_model_path {path}: unknown weight file type (use {', '.join(_WEIGHT_SUFFIXES)})")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"--text_model_path {path}: cannot be read as weights only ({first})") from err
-    if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "config" in obj:
-        obj = obj["model"]  # a checkpoint of this package
-    elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
-        obj = obj["state_dict"]
-    if not isinstance(obj, Mapping):
-        raise ConfigError(f"--text_model_path {path}: holds a {type(obj).__name__}, not a state dict")
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise ConfigError(f"--text_model_path {path}: entries that are not tensors: {_few(bad)}")
-    return dict(obj)
-
-
-def _read_folder(folder: Path, flag: str) -> dict[str, torch.Tensor]:
-    if (folder / "adapter_config.json").is_file():
-        raise ConfigError(f"{flag} {folder} is a PEFT adapter: pass it with --text_peft_path instead")
-    files = _weight_files(folder)
-    if not files:
-        raise ConfigError(f"{flag} {folder}: no *.safetensors or pytorch_model*.bin weight files in this folder")
-    state: dict[str, torch.Tensor] = {}
-    for f in files:
-        state.update(_read_weight_file(f))
-    return state
-
-
-def _hub_folder(repo_id: str, flag: str, patterns: Iterable[tuple[str, ...]]) -> Path:
-    """Local snapshot of a hub repo (the HF cache when offline), trying each file-pattern set in turn."""
-    from huggingface_hub import snapshot_download
-
-    folder = None
-    for allow in patterns:
-        try:
-            folder = Path(snapshot_download(repo_id, allow_patterns=[*allow, "*.json"]))
-        except Exception as err:  # offline / unknown repo / no permission: all mean "not available here"
-            raise _not_available("text weights", repo_id, flag) from err
-        if _weight_files(folder):
-            break
-    return folder
-
-
-def read_text_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """`--text_model_path` -> flat state dict: a weight file, a saved-model folder, or a hub id (llm2vec4cxr)."""
-    name = str(path)
-    p = Path(name).expanduser()
-    if p.is_file():
-        return _read_weight_file(p)
-    if p.is_dir():
-        return _read_folder(p, "--text_model_path")
-    if not _looks_like_hub_id(name):
-        raise ConfigError(f"--text_model_path {name}: no such file or folder")
-    folder = _hub_folder(name, "--text_model_path", [("*.safetensors",), ("*.bin",)])
-    return _read_folder(folder, "--text_model_path")
-
-
-def _latent_weights_in_base(name: str) -> dict[str, torch.Tensor]:
-    """`latent_attn.*` tensors shipped inside the base model folder itself (the llm2vec4cxr hub layout).
-
-    transformers drops them when it builds the LLM (they are not Llama weights); reading only those keys from
-    the safetensors is cheap. Anything unreadable just means "none here".
-    """
-    p = Path(name).expanduser()
-    try:
-        folder = p if p.is_dir() else _hub_folder(name, "--text_model", [("*.safetensors",)])
-    except ConfigError:
-        return {}
-    out: dict[str, torch.Tensor] = {}
-    for f in _weight_files(folder):
-        if f.suffix != ".safetensors":
-            continue
-        from safetensors import safe_open
-
-        with safe_open(str(f), framework="pt") as sf:
-            for key in sf.keys():  # noqa: SIM118 - safe_open is not a Mapping
-                if key.startswith("latent_attn.") or key.startswith("model.latent_attn."):
-                    out[key.removeprefix("model.")] = sf.get_tensor(key)
-    return out
-
-
-def _few(keys: Iterable[str], n: int = 4) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
-_LLAMA_TOP = ("embed_tokens.", "layers.", "norm.")
-
-
-def canonical_text_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Rename the known layouts to this encoder's keys: `model.*` (the LLM), `latent_attn.*`, `projection.*`.
-
-    Accepted: llm2vec4cxr's LLM2Vec state dict (`model.*` + `latent_attn.*`), a bare Llama/LlamaBiModel state
-    dict or hub folder (`embed_tokens.*`, `layers.*`, `norm.*`), DDP's `module.` prefix, and a ChestCTCLIP
-    state dict (its `text_encoder.*` entries). Two kinds of key are dropped, each with a log line: rotary
-    `inv_freq` buffers (recomputed, saved by old transformers) and `lm_head.weight` (an encoder has no LM head).
-    """
-    state = dict(state)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    text_keys = [k for k in state if k.startswith("text_encoder.")]
-    if text_keys:
-        others = len(state) - len(text_keys)
-        if others:
-            logger.info(
-                "text weights: using the %d text_encoder.* tensors of a full model (%d others belong to "
-                "the other towers)",
-                len(text_keys),
-                others,
-            )
-        state = {k.removeprefix("text_encoder."): state[k] for k in text_keys}
-    out: dict[str, torch.Tensor] = {}
-    dropped = []
-    for key, value in state.items():
-        if key.endswith("rotary_emb.inv_freq") or key in ("lm_head.weight", "model.lm_head.weight"):
-            dropped.append(key)
-            continue
-        if key.startswith("model.latent_attn."):  # pooling head saved inside the LLM module
-            key = key.removeprefix("model.")
-        out["model." + key if key.startswith(_LLAMA_TOP) else key] = value
-    if dropped:
-        logger.info("text weights: not loading %d tensors an encoder does not use: %s", len(dropped), _few(dropped))
-    return out
-
-
-def _has_lora(keys: Iterable[str]) -> bool:
-    return any(".lora_A." in k or ".lora_B." in k or ".base_layer." in k for k in keys)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Frozen-mode embedding cache
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def _write_shard(folder: Path, entries: dict[int, torch.Tensor]) -> None:
-    """Persist and clear `entries`; temp file + rename so a reader never sees half a shard."""
-    if not entries:
-        return
-    from safetensors.torch import save_file
-
-    name = f"shard-{os.getpid()}-{time.time_ns()}-{uuid.uuid4().hex[:8]}.safetensors"
-    tmp = folder / (name + ".tmp")
-    hashes = torch.tensor(list(entries.keys()), dtype=torch.int64)
-    save_file({"hash": hashes, "embedding": torch.stack(list(entries.values())).contiguous()}, str(tmp))
-    os.replace(tmp, folder / name)
-    entries.clear()
-
-
-class TextEmbeddingCache:
-    """text_hash -> pooled embedding (float32, CPU), kept in memory and optionally in safetensors shards.
-
-    New entries are written in shards of `shard_size`, when a batch is served entirely from memory (the first
-    pass is over), on `flush()`, and at interpreter exit. Shards are never rewritten, so several processes
-    (DDP ranks) can share one folder: each writes its own file names.
-    """
-
-    def __init__(self, folder: str | os.PathLike | None = None, hidden_size: int | None = None, shard_size: int = 4096):
-        self.memory: dict[int, torch.Tensor] = {}
-        self.pending: dict[int, torch.Tensor] = {}
-        self.hidden_size, self.shard_size = hidden_size, shard_size
-        self.folder = Path(folder) if folder is not None else None
-        if self.folder is not None:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            self._load()
-            weakref.finalize(self, _write_shard, self.folder, self.pending)
-
-    def _load(self) -> None:
-        from safetensors.torch import load_file
-
-        for shard in sorted(self.folder.glob("shard-*.safetensors")):
-            try:
-                data = load_file(str(shard))
-                hashes, emb = data["hash"], data["embedding"]
-                if emb.ndim != 2 or len(hashes) != len(emb) or (self.hidden_size and emb.shape[1] != self.hidden_size):
-                    raise ValueError(f"shapes {tuple(hashes.shape)} / {tuple(emb.shape)}")
-            except Exception as err:  # a damaged shard costs a recomputation, never the run
-                logger.warning("text cache: skipping unreadable %s (%s)", shard, err)
-                continue
-            self.memory.update(zip(hashes.tolist(), emb.unbind(0)))
-        if self.memory:
-            logger.info("text cache: %d embeddings loaded from %s", len(self.memory), self.folder)
-
-    def __contains__(self, key: int) -> bool:
-        return key in self.memory
-
-    def __len__(self) -> int:
-        return len(self.memory)
-
-    def get(self, keys: list[int]) -> torch.Tensor:
-        return torch.stack([self.memory[k] for k in keys])
-
-    def put(self, keys: list[int], embeddings: torch.Tensor) -> None:
-        for key, emb in zip(keys, embeddings.detach().float().cpu().unbind(0)):
-            self.memory[key] = emb
-            if self.folder is not None:
-                self.pending[key] = emb
-        if len(self.pending) >= self.shard_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.folder is not None:
-            _write_shard(self.folder, self.pending)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Encoder
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -406,7 +168,7 @@ def load_llm2vec(
     from llm2vec import LLM2Vec
 
     local = Path(model_name_or_path).expanduser()
-    if not local.is_dir() and not _looks_like_hub_id(model_name_or_path):
+    if not local.is_dir() and not looks_like_hub_id(model_name_or_path):
         raise ConfigError(f"--text_model {model_name_or_path}: no such folder (and not a Hugging Face id)")
     kwargs = {
         "peft_model_name_or_path": peft_path,
@@ -425,9 +187,9 @@ def load_llm2vec(
         return LLM2Vec.from_pretrained(str(local) if local.is_dir() else model_name_or_path, **kwargs)
     except (OSError, ValueError) as err:
         if not local.is_dir() and isinstance(err, OSError):
-            raise _not_available("text model", model_name_or_path, "--text_model") from err
+            raise not_available("text model", model_name_or_path, "--text_model") from err
         if peft_path is not None and not Path(peft_path).expanduser().is_dir():
-            raise _not_available("PEFT adapter", peft_path, "--text_peft_path") from err
+            raise not_available("PEFT adapter", peft_path, "--text_peft_path") from err
         raise
 
 
@@ -497,10 +259,10 @@ class TextEncoder(nn.Module):
         state = read_text_weights(text_model_path) if text_model_path else None
         source = str(text_model_path)
         if state is None and self.latent_attn is not None:
-            state = _latent_weights_in_base(model_name_or_path) or None
+            state = latent_weights_in_base(model_name_or_path) or None
             source = f"{model_name_or_path} (latent_attn.* in the base model)"
         state = canonical_text_state(state) if state is not None else None
-        lora_state = state is not None and _has_lora(state)
+        lora_state = state is not None and has_lora(state)
         if lora_state and train_mode != "lora":
             raise ConfigError(
                 f"--text_model_path {source} holds a LoRA-trained text tower: load it with --text_train lora "
@@ -553,7 +315,7 @@ class TextEncoder(nn.Module):
             p = Path(name).expanduser()
             if not p.exists():
                 return name
-            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in _WEIGHT_SUFFIXES)
+            files = [p] if p.is_file() else sorted(f for f in p.rglob("*") if f.suffix in WEIGHT_SUFFIXES)
             return [str(p.resolve())] + [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
 
         dtype = str(next(self.model.parameters()).dtype)
@@ -575,21 +337,21 @@ class TextEncoder(nn.Module):
         missing = [k for k in own if k.split(".", 1)[0] in present and k not in state]
         where = f"--text_model_path {source}"
         if require_llm and "model" not in present:
-            raise ConfigError(f"{where} holds no LLM weights (model.* / layers.*); found: {_few(state)}")
+            raise ConfigError(f"{where} holds no LLM weights (model.* / layers.*); found: {few(state)}")
         if unexpected and self.latent_attn is None and all(k.startswith("latent_attn.") for k in unexpected):
             raise ConfigError(
                 f"{where} holds latent-attention pooling weights (latent_attn.*): use --pooling_mode latent_attention"
             )
         if unexpected or missing:
-            parts = [f"unexpected keys: {_few(unexpected)}"] if unexpected else []
-            parts += [f"missing keys: {_few(missing)}"] if missing else []
+            parts = [f"unexpected keys: {few(unexpected)}"] if unexpected else []
+            parts += [f"missing keys: {few(missing)}"] if missing else []
             hint = " (the llm2vec4cxr layout is model.* + latent_attn.*)"
             raise ConfigError(f"{where} does not fit this text tower: {'; '.join(parts)}{hint}")
         bad_shapes = [
             f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if v.shape != own[k].shape
         ]
         if bad_shapes:
-            raise ConfigError(f"{where} has tensors of the wrong shape (file vs model): {_few(bad_shapes, 3)}")
+            raise ConfigError(f"{where} has tensors of the wrong shape (file vs model): {few(bad_shapes, 3)}")
         result = self.load_state_dict(state, strict=False)
         assert not result.unexpected_keys  # checked above
         kept = sorted({k.split(".", 1)[0] for k in own} - present)
@@ -676,96 +438,3 @@ class TextEncoder(nn.Module):
         elif self._cache.pending:
             self._cache.flush()  # a batch fully served from memory: the first pass is over, persist its tail
         return self._cache.get(keys).to(self.projection.weight.device)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# A tiny offline Llama for tests and the demo
-# ----------------------------------------------------------------------------------------------------------------
-
-_TINY_CORPUS = (
-    "No focal consolidation, pleural effusion or pneumothorax.",
-    "Small left pleural effusion with adjacent basal atelectasis.",
-    "Moderate right pleural effusion, increased since the prior study.",
-    "The heart size is normal. The mediastinal contours are unremarkable.",
-    "Mild cardiomegaly without pulmonary edema.",
-    "A 6 mm solid nodule in the right upper lobe, follow-up CT recommended.",
-    "Ground-glass opacities in both lower lobes, compatible with infection.",
-    "Emphysematous changes, predominantly in the upper lobes.",
-    "No enlarged mediastinal or hilar lymph nodes.",
-    "Calcified granuloma in the left lower lobe.",
-    "Bronchiectasis with bronchial wall thickening in the middle lobe.",
-    "The airways are patent. No endobronchial lesion.",
-    "Coronary artery calcifications are noted.",
-    "Degenerative changes of the thoracic spine.",
-    "Interval resolution of the previously seen consolidation.",
-    "Subsegmental atelectasis at both lung bases.",
-    "Spiculated mass in the left upper lobe measuring 3.2 cm, suspicious for malignancy.",
-    "Small pericardial effusion. No pleural effusion.",
-    "Pulmonary embolism in the right lower lobe segmental arteries.",
-    "Interstitial thickening with honeycombing at the bases, suggestive of fibrosis.",
-    "Post-surgical changes after right upper lobectomy.",
-    "The thyroid gland is unremarkable. The visualized upper abdomen is normal.",
-    "Hiatal hernia. Aortic atherosclerosis without aneurysm.",
-    "Findings: lungs clear. Impression: no acute cardiopulmonary process.",
-)
-_TINY_SPECIALS = ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-
-
-def build_tiny_llama(
-    out_dir: str | Path,
-    corpus: list[str] | None = None,
-    *,
-    hidden_size: int = 64,
-    num_layers: int = 2,
-    num_heads: int = 4,
-    vocab_size: int = 1000,
-    seed: int = 0,
-    lowercase: bool = False,
-    prefix_space: bool = False,
-) -> Path:
-    """Write a random few-layer Llama plus a byte-level BPE tokenizer trained on the spot, all offline.
-
-    Llama-3-like on purpose: BOS `<|begin_of_text|>` prepended, EOS `<|eot_id|>`, the chat header tokens, and
-    grouped-query attention (half as many KV heads when the head count is even), so the real model's code paths run. The folder loads with
-    `llm2vec.LLM2Vec.from_pretrained(out_dir)` and `TextEncoder(out_dir)`. Same seed, same files.
-    """
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
-    from transformers import LlamaConfig, LlamaModel, PreTrainedTokenizerFast
-
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    if lowercase:
-        tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=list(_TINY_SPECIALS), show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )  # fmt: skip
-    tok.train_from_iterator(list(corpus or _TINY_CORPUS), trainer=trainer)
-    bos, eos = _TINY_SPECIALS[0], _TINY_SPECIALS[4]
-    tok.post_processor = processors.TemplateProcessing(
-        single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, tok.token_to_id(bos))]
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token=bos,
-        eos_token=eos,
-        model_max_length=4096,
-        clean_up_tokenization_spaces=True,
-        model_input_names=["input_ids", "attention_mask"],  # as Llama's: no token_type_ids
-    )
-    fast.save_pretrained(out)
-
-    config = LlamaConfig(
-        vocab_size=max(vocab_size, tok.get_vocab_size()), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_heads // 2 if num_heads % 2 == 0 else num_heads,
-        max_position_embeddings=4096, bos_token_id=tok.token_to_id(bos), eos_token_id=tok.token_to_id(eos),
-        initializer_range=0.05, tie_word_embeddings=False,
-    )  # fmt: skip
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaModel(config)
-    model.save_pretrained(out, safe_serialization=True)
-    return out

@@ -33,8 +33,14 @@ def small_csv(tmp_path):
     rows = []
     for i in range(16):
         write_npz(vol_dir / f"case{i:02d}.npz", seed=i)
-        rows.append({"img_path": f"vols/case{i:02d}.npz", "findings": f"Report number {i}.",
-                     "split": "train" if i < 12 else "val", "Lung nodule": i % 2})
+        rows.append(
+            {
+                "img_path": f"vols/case{i:02d}.npz",
+                "findings": f"Report number {i}.",
+                "split": "train" if i < 12 else "val",
+                "Lung nodule": i % 2,
+            }
+        )
     csv = tmp_path / "data.csv"
     pd.DataFrame(rows).to_csv(csv, index=False)
     return csv
@@ -43,21 +49,54 @@ def small_csv(tmp_path):
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory):
     """A 2-layer random Llama with a tokenizer trained on the spot, loadable by llm2vec."""
-    from ct_siglip.text_tower import build_tiny_llama
+    from ct_siglip.tiny_models import build_tiny_llama
 
-    corpus = [f"Report number {i}. There is a {w} finding in the {s} lung." for i in range(40)
-              for w, s in (("small", "left"), ("large", "right"))]
-    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), corpus, hidden_size=32, num_layers=2,
-                            num_heads=4, vocab_size=300, seed=0)
+    corpus = [
+        f"Report number {i}. There is a {w} finding in the {s} lung."
+        for i in range(40)
+        for w, s in (("small", "left"), ("large", "right"))
+    ]
+    return build_tiny_llama(
+        tmp_path_factory.mktemp("tiny_llama"), corpus, hidden_size=32, num_layers=2, num_heads=4, vocab_size=300, seed=0
+    )
 
 
 def tiny_args(csv, save_dir, text_dir, *extra):
     """CLI arguments of a tiny, fast CPU run."""
-    return ["--csv_file", str(csv), "--save_dir", str(save_dir), "--text_model", str(text_dir),
-            "--image_depth", "14", "--image_width", "4", "--image_weights", "none", "--embed_dim", "16",
-            "--max_text_length", "32", "--batch_size", "4", "--num_workers", "0", "--learning_rate", "1e-3",
-            "--warmup_steps", "2", "--log_interval", "1", "--eval_interval", "0", "--precision", "fp32",
-            "--no-text_checkpointing", *extra]
+    return [
+        "--csv_file",
+        str(csv),
+        "--save_dir",
+        str(save_dir),
+        "--text_model",
+        str(text_dir),
+        "--image_depth",
+        "14",
+        "--image_width",
+        "4",
+        "--image_weights",
+        "none",
+        "--embed_dim",
+        "16",
+        "--max_text_length",
+        "32",
+        "--batch_size",
+        "4",
+        "--num_workers",
+        "0",
+        "--learning_rate",
+        "1e-3",
+        "--warmup_steps",
+        "2",
+        "--log_interval",
+        "1",
+        "--eval_interval",
+        "0",
+        "--precision",
+        "fp32",
+        "--no-text_checkpointing",
+        *extra,
+    ]
 
 
 def children(pid: int) -> list[int]:

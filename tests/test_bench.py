@@ -4,33 +4,25 @@ and the run goes on; and the speed options it times do not change what is traine
 from __future__ import annotations
 
 import contextlib
-import importlib.util
+import copy
 import io
 import itertools
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks import bench_steps
+from benchmarks import bench_train as bench
+from ct_siglip.config import parse_config
 from ct_siglip.image_tower import ImageEncoder
+from ct_siglip.loaders import load_table
 from ct_siglip.loss import SigLIPLoss
+from ct_siglip.model import ChestCTCLIP
+from ct_siglip.trainer import SigLIPTrainer
 
-BENCH_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train.py"
-
-
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH_PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train"] = module  # dataclasses look their module up while the file executes
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
 RECORD_FIELDS = {"run_id", "name", "label", "section", "batch", "settings", "value", "unit", "peak_gib", "device",
                  "torch", "cuda", "transformers", "versions", "date", "command", "error", "oom", "speedup"}  # fmt: skip
 
@@ -138,21 +130,49 @@ def test_failing_rows_are_recorded_and_the_run_goes_on(tmp_path):
     assert "OOM" in bench.markdown_table(records)
 
 
+def test_the_whole_step_row_runs_the_trainers_own_step(small_csv, tiny_llama_dir, tmp_path):
+    """The whole-step row times `SigLIPTrainer.train_step` itself: on copies of one model and the same batch, the
+    benchmark's step and the trainer's give the same loss and gradient norm and leave the same weights, bit for bit
+    (float32 on a CPU, one thread: the same code runs the same operations in the same order). A benchmark with its
+    own copy of the step (another AdamW setting, no clipping, a schedule of its own) fails here."""
+    ctx = bench.Context(bench.parse_args(["--tiny", "--device", "cpu", "--work_dir", str(tmp_path / "work")]))
+    ctx.text_folder = tiny_llama_dir  # the session's tiny Llama instead of writing another one
+    torch.manual_seed(0)
+    text, _ = ctx.text(("full", "float32"))
+    bench_model = bench_steps.whole_model(ctx, text, checkpointing="none", channels_last=False)
+    trainer_model = copy.deepcopy(bench_model)
+    before = {n: p.detach().clone() for n, p in bench_model.named_parameters()}
+    batch = bench_steps.whole_batch(ctx, 4)
+    bench_out = bench_steps.trainer_step(ctx, bench_model, "fp32")([batch])
+
+    cfg = parse_config(["--csv_file", str(small_csv), "--save_dir", str(tmp_path / "run"), "--text_model",
+                        str(tiny_llama_dir), "--max_text_length", str(ctx.args.text_tokens), "--embed_dim", "512",
+                        "--num_workers", "0", "--precision", "fp32", *bench_steps.STEP_FLAGS])  # fmt: skip
+    trainer = SigLIPTrainer(cfg, trainer_model, load_table(cfg, "train", train=True), None, device=torch.device("cpu"))
+    trainer_out = trainer.train_step([batch])
+    assert bench_out == trainer_out and bench_out["finite"]
+    assert bench_out["grad_norm"] > 0
+    for (name, p), (_, q) in zip(bench_model.named_parameters(), trainer_model.named_parameters(), strict=True):
+        assert torch.equal(p, q), name
+    moved = {n.split(".")[0] for n, p in bench_model.named_parameters() if not torch.equal(p, before[n])}
+    assert moved == {"image_encoder", "text_encoder", "loss_fn"}  # the step trained what it is compared on
+
+
 # --------------------------------------------------------------------------------------- speed options vs plain
 def _train_losses(*, checkpointing="none", channels_last=False, fused=False, amp=None, steps=3):
-    """Losses of `steps` trainer-like steps of the tiny tower from the same seed, on the same batch."""
+    """Losses of `steps` steps of the tiny tower from the same seed, on the same batch, by the step the benchmark
+    times (the trainer's `TrainStep`, against fixed text embeddings as in the image rows)."""
     torch.manual_seed(0)
     enc = ImageEncoder(in_channels=2, depth=14, width=8, embed_dim=16, proj_hidden=32,
                        checkpointing=checkpointing, channels_last=channels_last)  # fmt: skip
-    loss_fn = SigLIPLoss()
-    model = torch.nn.ModuleDict({"image_encoder": enc, "loss_fn": loss_fn}).train()
     g = torch.Generator().manual_seed(1)
     x = torch.rand(4, 2, 16, 32, 32, generator=g)
     texts = F.normalize(torch.randn(4, 16, generator=g), dim=-1)
-    autocast = (lambda: torch.autocast("cpu", dtype=amp)) if amp else contextlib.nullcontext
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    step = bench.train_step(lambda: loss_fn(enc(x), texts), bench.adamw(model, fused), scaler, autocast)
-    losses = torch.stack([step() for _ in range(steps)])
+    model = ChestCTCLIP(enc, bench_steps.FixedEmbeddings(texts), SigLIPLoss())
+    ctx = bench.Context(bench.parse_args(["--tiny", "--device", "cpu"]))
+    step = bench_steps.trainer_step(ctx, model, "bf16" if amp == torch.bfloat16 else "fp32", fused=fused)
+    batch = [bench_steps.collated(x)]
+    losses = torch.tensor([step(batch)["loss"] for _ in range(steps)])
     return losses, {k: v.clone() for k, v in enc.backbone.named_buffers()}
 
 

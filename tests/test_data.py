@@ -167,14 +167,22 @@ def test_fingerprint_follows_the_rows_not_where_the_data_set_lives(small_csv, tm
 def test_sentence_sampling_draws_subsets_of_whole_sentences_per_epoch_and_leaves_images_alone(tmp_path):
     from ct_siglip.data import sample_sentences
 
-    report = "No pleural effusion. Heart size is normal (ratio 0.45). Consolidation in the right lower lobe! Mild change."
-    sentences = {"No pleural effusion.", "Heart size is normal (ratio 0.45).", "Consolidation in the right lower lobe!",
-                 "Mild change."}
+    report = (
+        "No pleural effusion. Heart size is normal (ratio 0.45). Consolidation in the right lower lobe! Mild change."
+    )
+    sentences = {
+        "No pleural effusion.",
+        "Heart size is normal (ratio 0.45).",
+        "Consolidation in the right lower lobe!",
+        "Mild change.",
+    }
     assert sample_sentences(report, np.random.default_rng(0), 0.0) == report
     sizes = set()
     for seed in range(200):
         out = sample_sentences(report, np.random.default_rng(seed), 1.0)
-        parts = [p if p.endswith((".", "!")) else p + "." for p in out.replace("! ", "!|").replace(". ", ".|").split("|")]
+        parts = [
+            p if p.endswith((".", "!")) else p + "." for p in out.replace("! ", "!|").replace(". ", ".|").split("|")
+        ]
         assert set(parts) <= sentences and len(parts) == len(set(parts))  # whole sentences, none repeated
         sizes.add(len(parts))
     assert sizes == {1, 2, 3, 4}  # from one sentence (a prompt's length) to the whole report

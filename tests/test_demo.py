@@ -12,7 +12,7 @@ import math
 
 import pytest
 
-from ct_siglip import demo, trainer
+from ct_siglip import demo, train
 from ct_siglip.runlog import read_metrics
 from ct_siglip.synthetic import FINDINGS, SIDE_FINDINGS
 
@@ -24,9 +24,20 @@ def test_demo_path_trains_and_reports_every_label_on_the_held_out_split(tmp_path
     monkeypatch.setitem(demo.MNTP, "steps", 10)
     monkeypatch.setitem(demo.PAIRS, "steps", 10)
     run = tmp_path / "run"
-    argv = ["--demo", "--max_steps", "40", "--warmup_steps", "5", "--save_dir", str(run), "--save_interval", "1000",
-            "--log_interval", "1"]
-    assert trainer.main(argv) == 0
+    argv = [
+        "--demo",
+        "--max_steps",
+        "40",
+        "--warmup_steps",
+        "5",
+        "--save_dir",
+        str(run),
+        "--save_interval",
+        "1000",
+        "--log_interval",
+        "1",
+    ]
+    assert train.main(argv) == 0
     out = capsys.readouterr().out
     assert "Demo results (held-out split 'test')" in out
     assert "MNTP pretraining of the tiny text model (10 steps)" in out

@@ -40,11 +40,14 @@ def test_curve_panels_show_what_the_run_logged_and_the_pair_loss_beside_the_loss
 
 
 def test_plots_command_draws_curves_and_roc_from_a_run_folder(tmp_path):
-    records = [{"step": s, "train/loss": 5.0 / s, "train/lr": 1e-4, "train/t": 10.0, "train/b": -10.0} for s in (1, 2, 3)]
+    records = [
+        {"step": s, "train/loss": 5.0 / s, "train/lr": 1e-4, "train/t": 10.0, "train/b": -10.0} for s in (1, 2, 3)
+    ]
     records.append({"step": 3, "val/loss": 2.0, "val/i2t_R@1": 0.5, "val/zeroshot_auroc_mean": 0.8})
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-    np.savez(tmp_path / "zeroshot_test.npz", score_Emphysema=np.array([0.1, 0.9, 0.4]),
-             label_Emphysema=np.array([0, 1, -1]))
+    np.savez(
+        tmp_path / "zeroshot_test.npz", score_Emphysema=np.array([0.1, 0.9, 0.4]), label_Emphysema=np.array([0, 1, -1])
+    )
     assert plots_main([str(tmp_path)]) == 0
     for name in ("curves.png", "zeroshot_test.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -60,11 +63,30 @@ def test_evaluate_command_scores_a_checkpoint_and_exports_embeddings(small_csv, 
     from ct_siglip.runlog import read_metrics
 
     run = tmp_path / "run"
-    assert siglip_trainer.main(tiny_args(small_csv, run, tiny_llama_dir, "--max_steps", "3", "--save_interval", "3")) == 0
+    assert (
+        siglip_trainer.main(tiny_args(small_csv, run, tiny_llama_dir, "--max_steps", "3", "--save_interval", "3")) == 0
+    )
     out = tmp_path / "eval"
-    assert evaluate_main(["--checkpoint", str(run / "step_00000003.pt"), "--csv_file", str(small_csv), "--split", "val",
-                          "--label_columns", "auto", "--num_workers", "0", "--out_dir", str(out),
-                          "--save_embeddings"]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--checkpoint",
+                str(run / "step_00000003.pt"),
+                "--csv_file",
+                str(small_csv),
+                "--split",
+                "val",
+                "--label_columns",
+                "auto",
+                "--num_workers",
+                "0",
+                "--out_dir",
+                str(out),
+                "--save_embeddings",
+            ]
+        )
+        == 0
+    )
     (record,) = read_metrics(out / "metrics.jsonl")
     assert record["step"] == 3 and "val/zeroshot_auroc/Lung nodule" in record and "val/t2i_R@5" in record
     emb = torch.load(out / "embeddings_val.pt", weights_only=True)

@@ -72,8 +72,9 @@ def test_pair_weight_needs_a_column_and_a_trained_text_tower(pair_csv):
 
 def _step_gradients(cfg):
     """The gradients of one training step on the first batch (the optimizer's step and zeroing disabled)."""
+    from ct_siglip.loaders import load_table
     from ct_siglip.model import build_model
-    from ct_siglip.trainer import SigLIPTrainer, load_table
+    from ct_siglip.trainer import SigLIPTrainer
 
     torch.manual_seed(0)
     model = build_model(cfg, device=torch.device("cpu"))
@@ -85,9 +86,7 @@ def _step_gradients(cfg):
     return model, batch, out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def test_pair_loss_gradient_reaches_the_text_tower_only_and_equals_its_own_gradient(
-    pair_csv, tmp_path, tiny_llama_dir
-):
+def test_pair_loss_gradient_reaches_the_text_tower_only_and_equals_its_own_gradient(pair_csv, tmp_path, tiny_llama_dir):
     common = ("--grad_clip", "0")  # unclipped: the two runs' gradients must differ by the pair term alone
     off_cfg = parse_config(tiny_args(pair_csv, tmp_path / "off", tiny_llama_dir, *common))
     on_cfg = parse_config(tiny_args(pair_csv, tmp_path / "on", tiny_llama_dir, *common, "--text_pair_column",

@@ -21,9 +21,9 @@ from ct_siglip.text_tower import (
     SEPARATOR,
     TextEncoder,
     TextTokenizer,
-    build_tiny_llama,
     text_hash,
 )
+from ct_siglip.tiny_models import build_tiny_llama
 
 REPORTS = [
     "Small left pleural effusion.",
@@ -421,7 +421,7 @@ def test_uncased_prefix_space_tokenizer_gives_one_token_per_word_and_still_equal
     folder = build_tiny_llama(tmp_path / "uncased", corpus, vocab_size=300, lowercase=True, prefix_space=True)
     enc = encoder(folder).eval()
     short, long = (enc.tokenize([t])["input_ids"][0].tolist() for t in ("No effusion.", "There is no effusion."))
-    assert short[1:] == long[-(len(short) - 1):]  # after BOS, "No effusion." opening a text == its mid-sentence form
+    assert short[1:] == long[-(len(short) - 1) :]  # after BOS, "No effusion." opening a text == its mid-sentence form
     ref = LLM2Vec.from_pretrained(str(folder), pooling_mode="mean", max_length=MAX_LEN, torch_dtype=torch.float32)
     batch = enc.tokenize(REPORTS)
     ref_batch = ref.tokenize([ref._convert_to_str("", r) for r in REPORTS])

@@ -154,7 +154,7 @@ def test_text_learning_rate_gives_the_pretrained_llm_its_own_rate_and_every_weig
 ):
     from ct_siglip.config import parse_config
     from ct_siglip.model import build_model
-    from ct_siglip.trainer import build_optimizer, lr_factor
+    from ct_siglip.step import build_optimizer, lr_factor
 
     def groups(*extra):
         cfg = parse_config(tiny_args(small_csv, tmp_path / "run", tiny_llama_dir, "--learning_rate", "1e-3", *extra))

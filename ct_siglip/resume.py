@@ -1,0 +1,94 @@
+"""Continuing a run: which settings a checkpoint must share with the run that resumes it, and the log
+records to drop when a killed run had logged steps it never saved.
+
+The checkpoint file itself (atomic writes, hashes, finding the newest) is `ct_siglip.checkpoint`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import ConfigError
+
+log = logging.getLogger("ct_siglip")
+
+# Settings that change what a checkpoint means (with the global batch and the training rows, checked
+# separately); resuming with other values is refused. `--batch_size` alone may change: on another
+# number of processes the same global batch needs another per-process batch.
+RESUME_MUST_MATCH = (
+    "in_channels",
+    "npz_key",
+    "embed_dim",
+    "image_depth",
+    "image_width",
+    "freeze_image_backbone",
+    "freeze_image_stem",
+    "text_model",
+    "pooling_mode",
+    "text_train",
+    "lora_r",
+    "lora_alpha",
+    "lora_target_modules",
+    "fixed_temperature",
+    "text_learning_rate",  # None or a value: two or four optimizer groups, so the saved AdamW state differs
+    "seed",
+    "max_text_length",
+    "text_instruction",
+    "text_chat_template",
+)
+
+
+def check_config_drift(state: dict, current: dict, *, allow: bool = False) -> None:
+    """Refuse to continue a checkpoint whose model settings, global batch or training rows differ from this
+    run's (its steps would not mean the same thing); with `allow`, only log the differences."""
+    saved_cfg, t = state["config"], state["trainer"]
+    changed = [f"--{k} {saved_cfg.get(k)!r} -> {v!r}" for k, v in current["config"].items() if saved_cfg.get(k) != v]
+    if t.get("global_batch") != current["global_batch"]:
+        changed.append(
+            f"global batch (batch_size x processes x grad_accum_steps) {t.get('global_batch')} -> "
+            f"{current['global_batch']}"
+        )
+    if t.get("data_sha256") != current["data_sha256"]:
+        changed.append("the training rows (image paths or reports of the split) changed")
+    if changed and allow:
+        log.warning("resuming with changed settings (--allow_config_change): %s", "; ".join(changed))
+    elif changed:
+        raise ConfigError(
+            f"cannot resume: this run differs from the checkpoint's: {'; '.join(changed)}. Use a new "
+            "--save_dir, restore the settings, or pass --allow_config_change"
+        )
+
+
+def truncate_log(path: Path, step: int, step_of: Callable[[str], int | None]) -> None:
+    """Drop the records of steps after `step` (logged by a run killed before it could save them), so a
+    resumed run logs each step once. Rewritten through a temp file: a kill now leaves the old file."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = []
+    for line in lines:
+        s = step_of(line)
+        if s is not None and s <= step:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if len(kept) != len(lines):
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+
+
+def jsonl_step(line: str) -> int | None:
+    """The step of a `metrics.jsonl` line (None: a torn last line, or not a record)."""
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a torn last line, or not a record
+        return None
+
+
+def csv_step(line: str) -> int | None:
+    """The step of a `bad_samples.csv` line (-1 for the header, which is kept)."""
+    head = line.split(",", 1)[0]
+    return int(head) if head.isdigit() else (-1 if head == "step" else None)  # keep the header
