@@ -130,3 +130,46 @@ def test_ruff_is_clean(command):
         pytest.skip("ruff is not installed (pip install -r requirements-dev.txt)")
     proc = subprocess.run([ruff, *command, "."], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-1000:]
+
+
+DOCS = ("README.md", "README_SIGLIP_TRAINING.md", "BENCHMARKS.md", "benchmarks/README.md", "docs/benchmarks_howto.md")
+
+
+def resolve(dotted: str) -> object:
+    """`a.b.c` -> the module `a.b` attribute `c` (or the module `a.b.c`), importing the longest module prefix."""
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attr in parts[cut:]:
+            obj = getattr(obj, attr)
+        return obj
+    raise ModuleNotFoundError(dotted)
+
+
+def test_every_name_the_docs_import_or_name_resolves():
+    """What the guide shows (`from ct_siglip.x import a, b`, `ct_siglip.x.name`) imports from where it says, and
+    the top-level script keeps the public names of the original trainer."""
+    import re
+
+    names: set[str] = {f"siglip_trainer.{n}" for n in ("TextEncoder", "ImageEncoder", "SigLIPLoss", "ChestCTCLIP",
+                                                       "SigLIPTrainer", "main")}  # fmt: skip
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        for module, listed in re.findall(
+            r"^\s*from ((?:ct_siglip|siglip_trainer)[\w.]*) import ([\w, ]+)$", text, re.M
+        ):
+            names.update(f"{module}.{n.strip()}" for n in listed.split(",") if n.strip())
+        names.update(re.findall(r"`(ct_siglip(?:\.\w+)+)", text))
+    assert len(names) > 20
+    missing = []
+    for name in sorted(names):
+        try:
+            resolve(name)
+        except (ImportError, AttributeError) as e:
+            missing.append(f"{name}: {e}")
+    assert not missing, missing
