@@ -82,6 +82,12 @@ class Config:
         "drawn anew each epoch; short texts in training make short zero-shot prompts in-distribution",
         LOAD,
     )
+    max_missing_reports: float = arg(
+        0.1,
+        "stop when more than this fraction of a split's rows has no report (1 = never): a wrong reports file or "
+        "column would otherwise train on the placeholder text alone",
+        LOAD,
+    )
     on_bad_sample: str = arg(
         "error",
         "a bad NPZ or report: stop with its file and row (error) or replace it (skip)",
@@ -275,6 +281,8 @@ class Config:
             raise ConfigError(f"--temperature is tau (t = 1/tau) and must be > 0, got {self.temperature}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise ConfigError(f"--max_bad_fraction must be in [0, 1], got {self.max_bad_fraction}")
+        if not 0.0 <= self.max_missing_reports <= 1.0:
+            raise ConfigError(f"--max_missing_reports must be in [0, 1], got {self.max_missing_reports}")
         if self.cache_features and not (self.freeze_image_backbone and self.text_train == "frozen"):
             raise ConfigError(
                 "--cache_features needs both towers frozen: add --freeze_image_backbone and --text_train frozen"

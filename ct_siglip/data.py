@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .errors import DataError
-from .volume_io import VolumeCache, load_volume
+from .volume_io import SHAPE_HINT, VolumeCache, load_volume, shape_outliers
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ class Table:
     label_columns: list[str]
     missing_reports: int = 0
     missing_report_rows: list[int] = field(default_factory=list)  # source rows that got the placeholder
+    report_source: str = ""  # where the reports come from, for a message about missing ones
+    known_bad: dict[str, tuple[str, str | None]] = field(default_factory=dict)  # path -> (problem, hint), preflight
 
     def __len__(self) -> int:
         return len(self.frame)
@@ -165,6 +167,7 @@ def read_csv_table(
         labels,
         int(missing.sum()),
         part["__row"][missing.to_numpy()].astype(int).tolist(),
+        report_source=f"the '{findings_column}' column is empty there (--findings_column names the report column)",
     )
 
 
@@ -290,7 +293,18 @@ def read_directory_table(
     texts, missing = _clean_reports(texts, missing_report_text)
     rows = np.arange(1, len(files) + 1)
     frame = pd.DataFrame({"path": [str(f) for f in files], "text": texts.to_numpy(), "row": rows})
-    return Table(frame, str(data_dir), [], int(missing.sum()), rows[missing.to_numpy()].tolist())
+    table = Table(frame, str(data_dir), [], int(missing.sum()), rows[missing.to_numpy()].tolist())
+    if reports_json is None:
+        table.report_source = "no reports file was given: pass --text_reports_path REPORTS.json"
+    else:
+        stems = {f.stem for f in files}
+        expected = [f.stem for f, m in zip(files, missing) if m][:2]
+        unmatched = [k for k in reports if k not in stems][:2]
+        table.report_source = (
+            f"{reports_json}: its keys must be the NPZ file stems, such as {', '.join(map(repr, expected))}"
+            + (f"; it has keys such as {', '.join(map(repr, unmatched))}" if unmatched else "")
+        )
+    return table
 
 
 def table_fingerprint(table: Table) -> str:
@@ -332,6 +346,7 @@ class CTReportDataset(Dataset):
         self.pair_texts = table.frame["pair_text"].to_numpy() if pair_texts else None
         self.rows = table.frame["row"].to_numpy()
         self.source = table.source
+        self.known_bad = table.known_bad  # files the preflight found bad: replaced without reading them again
         self.npz_key, self.channels, self.augment, self.seed = npz_key, channels, augment, seed
         self.on_bad_sample, self.check_values = on_bad_sample, check_values
         self.sentence_sampling = float(sentence_sampling)
@@ -348,6 +363,9 @@ class CTReportDataset(Dataset):
 
     def load_sample(self, index: int) -> np.ndarray:
         """The checked volume of row `index` (no augmentation); `DataError` if the volume or its report is bad."""
+        if self.paths[index] in self.known_bad:
+            problem, hint = self.known_bad[self.paths[index]]
+            raise DataError(problem, path=str(self.paths[index]), row=int(self.rows[index]), hint=hint)
         volume = self._load(index)
         if not isinstance(self.texts[index], str) or not self.texts[index].strip():
             raise DataError(
@@ -367,7 +385,8 @@ class CTReportDataset(Dataset):
         text = self.texts[item["index"]]
         if self.sentence_sampling > 0:  # own stream: the image draws stay those of a run without it
             text = sample_sentences(text, np.random.default_rng([self.seed, epoch, index, 1]), self.sentence_sampling)
-        out = {**item, "image": image, "text": text}
+        i = item["index"]
+        out = {**item, "image": image, "text": text, "path": str(self.paths[i]), "row": int(self.rows[i])}
         if self.pair_texts is not None:
             out["pair_text"] = self.pair_texts[item["index"]]
         return out
@@ -435,6 +454,8 @@ class Collator:
         errors = [it["error"] for it in items if "error" in it]
         if errors:
             return {"errors": errors, "bad": bad}
+        if len({tuple(it["image"].shape) for it in items}) > 1:
+            return {"errors": mixed_shapes(items), "bad": bad}
         texts = [it["text"] for it in items]
         pairs = "pair_text" in items[0]
         if pairs:  # the partners ride in the same text batch (rows B..2B-1): one text-tower call encodes both
@@ -446,6 +467,25 @@ class Collator:
             "bad": bad,
             "pairs": pairs,
         }
+
+
+def mixed_shapes(items: list[dict]) -> list[str]:
+    """One error per volume whose shape is not the batch's most common one (the preflight finds them all up front)."""
+    common, odd = shape_outliers({it["path"]: it["image"].shape for it in items})
+    rows = {it["path"]: it["row"] for it in items}
+    hint = f"{SHAPE_HINT}; the preflight (on unless --no-preflight) names every such file before step 1"
+    return [
+        str(
+            DataError(
+                f"shape {tuple(shape)} differs from {common} of the other volumes of its batch",
+                path=path,
+                row=rows[path],
+                hint=hint,
+            )
+        )
+        for path, shape in ((it["path"], tuple(it["image"].shape)) for it in items)
+        if path in odd
+    ]
 
 
 def move_batch(batch: dict, device: torch.device, image_dtype: torch.dtype) -> tuple[torch.Tensor, dict]:

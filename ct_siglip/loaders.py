@@ -18,12 +18,30 @@ from .data import (
     ignore_stop_signals,
     read_csv_table,
     read_directory_table,
+    rows_text,
 )
-from .errors import LoaderFailure
+from .errors import DataError, LoaderFailure
 
 
 def load_table(cfg: Config, split: str, *, train: bool) -> Table | None:
-    """The rows of `split` (CSV mode) or of the training / validation folder (directory mode), or None."""
+    """The rows of `split` (CSV mode) or of the training / validation folder (directory mode), or None.
+
+    A split in which more than `--max_missing_reports` of the rows have no report stops here: a reports file
+    keyed the wrong way, or the wrong column, would otherwise train a CLIP model on the placeholder text alone.
+    """
+    table = _read_table(cfg, split, train=train)
+    if table is not None and table.missing_reports > cfg.max_missing_reports * len(table):
+        raise DataError(
+            f"{table.missing_reports} of {len(table)} {'training' if train else 'evaluation'} rows have no report "
+            f"(above --max_missing_reports {cfg.max_missing_reports:g}; {rows_text(table.missing_report_rows)}): "
+            f"{table.report_source}",
+            path=table.source,
+            hint="fix the reports, or raise --max_missing_reports to train with the placeholder text",
+        )
+    return table
+
+
+def _read_table(cfg: Config, split: str, *, train: bool) -> Table | None:
     if cfg.csv_file:
         if not split:
             return None

@@ -13,6 +13,7 @@ find: stop with the first bad file, or replace bad training rows and leave bad v
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import multiprocessing
@@ -26,24 +27,25 @@ from .config import Config
 from .data import Table, rows_text
 from .distributed import all_gather_objects
 from .errors import DataError
-from .volume_io import load_volume
+from .volume_io import SHAPE_HINT, load_volume, shape_outliers
 
 log = logging.getLogger("ct_siglip")
 CACHE_NAME = "preflight_cache.json"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the verdict holds the volume's shape
 
-Verdict = tuple[str | None, str | None]  # (problem, hint); (None, None) = the file is fine
+# (problem, hint, shape): problem None = the file is fine, and then shape is its (C, D, H, W)
+Verdict = tuple[str | None, str | None, list[int] | None]
 
 
-def _check_one(job: tuple[str, str, int | None, bool]) -> tuple[str, str | None, str | None]:
+def _check_one(job: tuple[str, str, int | None, bool]) -> tuple[str, str | None, str | None, list[int] | None]:
     path, key, channels, check_values = job
     try:
-        load_volume(path, key, channels, check_values=check_values)
+        arr = load_volume(path, key, channels, check_values=check_values)
     except DataError as e:
-        return path, e.problem, e.hint
+        return path, e.problem, e.hint, None
     except Exception as e:  # whatever the loader did not foresee is still this file's problem, not a crash
-        return path, f"cannot read ({type(e).__name__}: {e})", "re-create the file"
-    return path, None, None
+        return path, f"cannot read ({type(e).__name__}: {e})", "re-create the file", None
+    return path, None, None, list(arr.shape)
 
 
 def _stat(path: str) -> tuple[int, int] | None:
@@ -55,7 +57,7 @@ def _stat(path: str) -> tuple[int, int] | None:
 
 
 class PreflightCache:
-    """{path: [size, mtime_ns, settings, problem, hint]} in one JSON file. An entry counts only while the
+    """{path: [size, mtime_ns, settings, problem, hint, shape]} in one JSON file. An entry counts only while the
     file's size and mtime and the checking settings are unchanged; a file that is not there is never cached."""
 
     def __init__(self, file: str | Path | None, settings: str):
@@ -74,7 +76,7 @@ class PreflightCache:
         e = self.entries.get(path)
         if e is None or e[0] != stat[0] or e[1] != stat[1] or e[2] != self.settings:
             return None
-        return e[3], e[4]
+        return e[3], e[4], e[5]
 
     def put(self, path: str, stat: tuple[int, int] | None, verdict: Verdict) -> None:
         if stat is not None:
@@ -123,18 +125,25 @@ def check_files(
             checked = list(pool.map(_check_one, jobs, chunksize=max(1, len(jobs) // (workers * 8))))
     else:
         checked = [_check_one(j) for j in jobs]
-    for path, problem, hint in checked:
-        results[path] = (problem, hint)
+    for path, problem, hint, shape in checked:
+        results[path] = (problem, hint, shape)
         if cache is not None:
-            cache.put(path, stats[path], (problem, hint))
+            cache.put(path, stats[path], results[path])
     return results
+
+
+def with_shape_rule(verdicts: dict[str, Verdict]) -> dict[str, Verdict]:
+    """The verdicts with every readable file whose shape is not the run's marked bad (`shape_outliers`)."""
+    shapes = {p: v[2] for p, v in verdicts.items() if v[0] is None and v[2] is not None}
+    _, odd = shape_outliers(shapes)
+    return {p: (odd[p], SHAPE_HINT, v[2]) if p in odd else v for p, v in verdicts.items()}
 
 
 def table_errors(table: Table, verdicts: dict[str, Verdict]) -> list[DataError]:
     """One `DataError` (file, CSV row, problem, fix) per row whose file failed."""
     errors = []
     for path, row in zip(table.frame["path"], table.frame["row"]):
-        problem, hint = verdicts.get(path, (None, None))
+        problem, hint, _ = verdicts.get(path, (None, None, None))
         if problem is not None:
             errors.append(DataError(problem, path=path, row=int(row), hint=hint))
     return errors
@@ -175,6 +184,7 @@ def run_preflight(
         for path, verdict in verdicts.items():
             cache.put(path, _stat(path), verdict)
         cache.save()
+    verdicts = with_shape_rule(verdicts)  # over every split: training and validation batches share the model
     errors = [e for t in tables for e in table_errors(t, verdicts)]
     log.info("Preflight: %d files checked in %.1f s (%d bad)", len(paths), time.perf_counter() - t0, len(errors))
     return errors
@@ -182,10 +192,11 @@ def run_preflight(
 
 def preflight_tables(
     cfg: Config, train: Table, val: Table | None, run_dir: Path, rank: int, world_size: int
-) -> Table | None:
+) -> tuple[Table, Table | None]:
     """Check every file before step 1 (see `preflight`). With --on_bad_sample error any bad file stops the
     run here; with skip, bad training rows are replaced when drawn (counted) unless there are too many,
-    and bad validation rows are left out. Returns the validation table to use."""
+    and bad validation rows are left out. Returns the training table (its bad rows marked, so the data set
+    replaces them whatever a later read of the file would say) and the validation table to use."""
     tables = [t for t in (train, val) if t is not None]
     errors = run_preflight(
         tables,
@@ -198,7 +209,7 @@ def preflight_tables(
         exchange=all_gather_objects,
     )
     if not errors:
-        return val
+        return train, val
     listing = run_dir / "preflight_errors.csv"
     if rank == 0:
         with open(listing, "w", newline="") as f:
@@ -220,7 +231,9 @@ def preflight_tables(
             path=str(listing),
             hint="fix or remove the files listed there",
         )
-    log.warning("Preflight: %d bad training rows will be replaced when drawn (listed in %s)", n_train, listing)
+    if n_train:
+        log.warning("Preflight: %d bad training rows will be replaced when drawn (listed in %s)", n_train, listing)
+        train = mark_bad_rows(train, [e for e in errors if e.path in train_paths])
     if val is not None:
         bad = {e.path for e in errors}
         keep = ~val.frame["path"].isin(bad)
@@ -228,5 +241,10 @@ def preflight_tables(
             log.warning(
                 "Preflight: %s of the validation split left out (bad files)", rows_text(val.frame["row"][~keep])
             )
-            val = Table(val.frame[keep].reset_index(drop=True), val.source, val.label_columns, val.missing_reports)
-    return val
+            val = dataclasses.replace(val, frame=val.frame[keep].reset_index(drop=True))
+    return train, val
+
+
+def mark_bad_rows(table: Table, errors: Sequence[DataError]) -> Table:
+    """A copy of `table` that knows what the preflight found wrong with each of these files."""
+    return dataclasses.replace(table, known_bad={**table.known_bad, **{e.path: (e.problem, e.hint) for e in errors}})

@@ -82,7 +82,7 @@ def load_data(cfg: Config, run_dir: Path, rank: int, world_size: int) -> tuple[T
                 cfg.missing_report_text,
             )
     if cfg.preflight:
-        val_table = preflight_tables(cfg, train_table, val_table, run_dir, rank, world_size)
+        train_table, val_table = preflight_tables(cfg, train_table, val_table, run_dir, rank, world_size)
     return train_table, val_table
 
 

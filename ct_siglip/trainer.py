@@ -418,6 +418,7 @@ class SigLIPTrainer:
                 if not last_val or self.step % max(cfg.eval_interval, 1) != 0:
                     last_val = self.validate()
         finally:
+            bar.close()  # also on an error: the message that follows starts on a line of its own
             data.close()
             self.close_loaders()
         self.metrics.close()

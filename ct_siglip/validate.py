@@ -19,7 +19,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from .errors import DataError
-from .volume_io import load_volume
+from .volume_io import SHAPE_HINT, load_volume, shape_outliers
 
 DEFAULT_SPLITS = ("train", "val", "test")
 RESULT_COLUMNS = ["row", "img_path", "split", "ok", "checks", "reason", "shape", "dtype"]
@@ -30,7 +30,13 @@ def _image_check(problem: str) -> str:
     p = problem.lower()
     for needle, name in (
         ("not found", "exists"),
+        ("is a folder", "exists"),
+        ("not a regular file", "exists"),
         ("cannot read", "loads"),
+        ("plain .npy", "loads"),
+        ("not an npz archive", "loads"),
+        ("member '", "loads"),
+        ("empty array", "size"),
         ("key '", "key"),
         ("4-d", "ndim"),
         ("channels", "channels"),
@@ -92,7 +98,7 @@ def validate_csv(
     """Check every row; return one result per row (columns `RESULT_COLUMNS`), bad rows written to a file.
 
     Per row: image path given, file exists and loads, key, 4-D, channel count, float dtype, finite
-    values in [0, 1] (all through `load_volume`), report present, split known, not a repeat of an
+    values in [0, 1] (all through `load_volume`), the shape of most files (one batch stacks one shape), report present, split known, not a repeat of an
     earlier row (same image and report) nor an image of another split. Table-wide problems (no
     `train_split` rows, or no `val_split` rows unless it is '' or None, as the trainer requires) go
     to `result.attrs["problems"]`.
@@ -162,6 +168,9 @@ def validate_csv(
             dynamic_ncols=True,
         ):
             images[futures[fut]] = fut.result()
+    shapes = {p: [int(n) for n in img["shape"].split("x")] for p, img in images.items() if img["ok"]}
+    for path, problem in shape_outliers(shapes)[1].items():
+        images[path] = {**images[path], "ok": False, "check": "shape", "reason": f"{problem} ({SHAPE_HINT})"}
 
     records = []
     for i, path in enumerate(resolved):

@@ -14,7 +14,8 @@ import logging
 import os
 import time
 import uuid
-import zipfile
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -42,29 +43,81 @@ def load_volume(
     path = Path(path)
     if not path.is_file():
         raise DataError(
-            "file not found", path=str(path), row=row, hint="check the img_path column and the CSV's folder"
+            _not_a_file(path), path=str(path), row=row, hint="check the img_path column and the CSV's folder"
         )
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            if key not in npz.files:
-                raise DataError(
-                    f"key '{key}' missing (keys: {', '.join(npz.files) or 'none'})",
-                    path=str(path),
-                    row=row,
-                    hint="pass --npz_key with the right name",
-                )
-            arr = npz[key]
-    except DataError:
+        arr = _read_npz(path, key)
+    except DataError as e:
+        raise DataError(e.problem, path=str(path), row=row, hint=e.hint) from None
+    except MemoryError:
         raise
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError, KeyError) as e:
+    except Exception as e:  # zlib.error, BadZipFile, a pickle, a bad header...: all this file's problem
         raise DataError(
-            f"cannot read NPZ ({type(e).__name__}: {e})",
+            f"cannot read NPZ ({_error_name(e)}: {_first_line(e)})",
             path=str(path),
             row=row,
             hint="the file is truncated or corrupt; re-create it",
         ) from None
+    if not arr.dtype.isnative:  # big-endian float32 is valid data; torch reads native byte order only
+        arr = arr.astype(arr.dtype.newbyteorder("="))
     check_array(arr, channels, path=str(path), row=row, check_values=check_values)
     return arr
+
+
+def _not_a_file(path: Path) -> str:
+    if path.is_dir():
+        return "is a folder, not an NPZ file"
+    if path.exists():
+        return "is not a regular file (a device, pipe or socket)"
+    return "file not found"
+
+
+def _error_name(e: BaseException) -> str:
+    """`zlib.error` rather than a bare `error`: the module says what failed."""
+    kind = type(e)
+    return kind.__name__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__name__}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else "no details"
+
+
+def _read_npz(path: Path, key: str) -> np.ndarray:
+    """`path[key]`, read without ever unpickling; a `DataError` (no path yet) for what is not a usable NPZ."""
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise DataError(
+            "holds a plain .npy array, not an NPZ archive",
+            hint=f"re-save it with np.savez(path, {key}=array), or convert the folder with python -m ct_siglip.preprocess",
+        )
+    if not magic.startswith(b"PK"):
+        raise DataError(
+            "is not an NPZ archive (no zip header: corrupt, or another format)",
+            hint="re-create it with np.savez or python -m ct_siglip.preprocess",
+        )
+    with np.load(path, allow_pickle=False) as npz:
+        if key not in npz.files:
+            raise DataError(
+                f"key '{key}' missing (keys: {', '.join(npz.files) or 'none'})",
+                hint="pass --npz_key with the right name",
+            )
+        member = npz.zip.open(f"{key}.npy") if f"{key}.npy" in npz.zip.namelist() else None
+        if member is None:
+            raise DataError(f"member '{key}' is not an .npy array", hint="re-create the file with np.savez")
+        with member:
+            if member.read(6) != b"\x93NUMPY":
+                raise DataError(f"member '{key}' is not an .npy array", hint="re-create the file with np.savez")
+        try:
+            return npz[key]
+        except ValueError as e:
+            if "pickle" in str(e):  # numpy's message suggests allow_pickle=True: never advise unsafe loading
+                raise DataError(
+                    f"member '{key}' holds a pickled object, not a numeric array",
+                    hint="re-create the file with np.savez",
+                ) from None
+            raise
 
 
 def check_array(
@@ -78,6 +131,8 @@ def check_array(
             row=row,
             hint="store volumes as (C, D, H, W); see README 'NPZ contract'",
         )
+    if 0 in arr.shape:
+        raise DataError(f"empty array (shape {tuple(arr.shape)})", path=path, row=row, hint="re-create the file")
     if channels is not None and arr.shape[0] != channels:
         raise DataError(
             f"expected {channels} channels, got {arr.shape[0]} (shape {tuple(arr.shape)})",
@@ -103,6 +158,34 @@ def check_array(
                 row=row,
                 hint="window and scale HU values to [0, 1] (python -m ct_siglip.preprocess)",
             )
+
+
+SHAPE_HINT = "resample and crop every volume to one size (python -m ct_siglip.preprocess does), or remove the file"
+
+
+def shape_outliers(shapes: Mapping[str, Sequence[int]]) -> tuple[tuple[int, ...] | None, dict[str, str]]:
+    """The run's volume shape and, per file of another shape, the problem: a batch stacks volumes of one shape.
+
+    The run's shape is the most common one (on a tie, the first in sorted order), so a few odd files are named
+    rather than the many right ones. The preflight, `--validate_csv` and the collator apply this one rule.
+    """
+    counts = Counter(tuple(int(n) for n in s) for s in shapes.values())
+    if not counts:
+        return None, {}
+    common = max(sorted(counts), key=lambda s: counts[s])
+    if len(counts) == 1:
+        return common, {}
+    problems = {
+        path: f"shape {_shape_text(s)} differs from the run's {_shape_text(common)} (that of {counts[common]} of "
+        f"{len(shapes)} files): a batch stacks volumes of one shape"
+        for path, s in shapes.items()
+        if tuple(int(n) for n in s) != common
+    }
+    return common, problems
+
+
+def _shape_text(shape: Sequence[int]) -> str:
+    return " x ".join(map(str, shape))
 
 
 _FLOAT16_ONE = 0x3C00
