@@ -95,7 +95,7 @@ class Config:
         choices=["error", "skip"],
     )
     max_bad_fraction: float = arg(
-        0.01, "with --on_bad_sample skip, abort when more than this fraction of samples is bad", LOAD
+        0.01, "with --on_bad_sample skip, abort when more than this fraction of samples is bad (1 = never)", LOAD
     )
     preflight: bool = arg(
         True,

@@ -84,7 +84,7 @@ def demo_config(cfg: Config, argv: list[str] | None = None) -> Config:
 
     A `--csv_file` or `--text_model` typed with `--demo` is used instead of the generated one (and not built).
     """
-    from .synthetic import FINDINGS, generate_dataset
+    from .synthetic import generate_dataset
 
     root = cache_dir() / "demo"
     explicit = explicit_flags(argv)
@@ -101,23 +101,38 @@ def demo_config(cfg: Config, argv: list[str] | None = None) -> Config:
         if "text_pair_weight" not in explicit:
             values["text_pair_weight"] = 0.0
     if "text_model" not in explicit:
-        import pandas as pd
-
-        table = pd.read_csv(values["csv_file"])
-        reports = table["findings"].astype(str).tolist()
-        train = table[table["split"] == "train"]  # the text pretraining never reads the test split
-        pairs = list(zip(train["findings"].astype(str), train[PARAPHRASE_COLUMN].astype(str)))
-        corpus = (
-            reports + [f"There is {f.lower()}." for f in FINDINGS] + [f"There is no {f.lower()}." for f in FINDINGS]
-        )
+        corpus, pairs, train_reports = text_pretraining_data(values)
         # keyed on the texts, the model's size and both pretraining steps: a changed generator or setting never
         # reuses a stale model
-        key = hashlib.sha256(json.dumps([TEXT_MODEL, MNTP, PAIRS, corpus, pairs]).encode()).hexdigest()[:12]
+        parts = [TEXT_MODEL, MNTP, PAIRS, corpus, pairs] + ([] if pairs else [train_reports])
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
         text_dir = root / f"tiny_llama_{key}"
         if not (text_dir / "config.json").is_file():  # the folder is published whole, by one rename
-            build_text_model(text_dir, corpus, pairs)
+            build_text_model(text_dir, corpus, pairs, train_reports)
         values["text_model"] = str(text_dir)
     return Config(**values)
+
+
+def text_pretraining_data(values: dict) -> tuple[list[str], list[tuple[str, str]], list[str]]:
+    """The tokenizer's corpus (every report, and the prompts), the report pairs of the training split (the
+    paraphrase column; none in a CSV without one) and the training reports. A CSV the trainer could not read
+    stops here, in one line."""
+    import pandas as pd
+
+    from .synthetic import FINDINGS
+    from .tables import read_csv_table
+
+    csv, findings, split = values["csv_file"], values["findings_column"], values["split_column"]
+    read_csv_table(csv, values["train_split"], img_path_column=values["img_path_column"], findings_column=findings,
+                   split_column=split, missing_report_text=values["missing_report_text"])  # fmt: skip
+    table = pd.read_csv(csv)
+    reports = table[findings].astype(str).tolist()
+    train = table[table[split].astype(str) == values["train_split"]]  # the text pretraining never reads the test split
+    pairs = []
+    if PARAPHRASE_COLUMN in table.columns:
+        pairs = list(zip(train[findings].astype(str), train[PARAPHRASE_COLUMN].astype(str)))
+    corpus = reports + [f"There is {f.lower()}." for f in FINDINGS] + [f"There is no {f.lower()}." for f in FINDINGS]
+    return corpus, pairs, train[findings].astype(str).tolist()
 
 
 def demo_values(cfg: Config, argv: list[str] | None) -> dict:
@@ -128,7 +143,9 @@ def demo_values(cfg: Config, argv: list[str] | None) -> dict:
     return values
 
 
-def build_text_model(text_dir: Path, corpus: list[str], pairs: list[tuple[str, str]]) -> Path:
+def build_text_model(
+    text_dir: Path, corpus: list[str], pairs: list[tuple[str, str]], train_reports: list[str] | None = None
+) -> Path:
     """The demo's text tower the LLM2Vec way: a random tiny Llama (tokenizer trained on `corpus`), MNTP on the
     training reports, then contrastive training on `pairs` (two reports of one training case)."""
     import tempfile
@@ -144,9 +161,13 @@ def build_text_model(text_dir: Path, corpus: list[str], pairs: list[tuple[str, s
     with tempfile.TemporaryDirectory(dir=text_dir.parent, prefix=".random_llama-") as tmp:
         random_dir = build_tiny_llama(Path(tmp) / "model", corpus, seed=0, **TEXT_MODEL)
         print(f"Demo: MNTP pretraining of the tiny text model ({MNTP['steps']} steps)")
-        pretrain_mntp(random_dir, [a for a, _ in pairs], Path(tmp) / "mntp", max_length=length, **MNTP)
-        print(f"Demo: contrastive pretraining on report pairs ({PAIRS['steps']} steps)")
-        pretrain_pairs(Path(tmp) / "mntp", pairs, text_dir, max_length=length, **PAIRS)
+        reports = [a for a, _ in pairs] or train_reports  # a CSV without pairs: MNTP on its training reports
+        pretrain_mntp(random_dir, reports, Path(tmp) / "mntp", max_length=length, **MNTP)
+        if pairs:
+            print(f"Demo: contrastive pretraining on report pairs ({PAIRS['steps']} steps)")
+            pretrain_pairs(Path(tmp) / "mntp", pairs, text_dir, max_length=length, **PAIRS)
+        else:
+            os.replace(Path(tmp) / "mntp", text_dir)
     return text_dir
 
 

@@ -36,3 +36,7 @@ class LoaderFailure(RuntimeError):
 
 class PeerFailure(RuntimeError):
     """Another rank failed; this rank saved with it and stops too."""
+
+
+class RunLogError(OSError):
+    """`metrics.jsonl` could not be written (disk full); the message says what is intact and what to do."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import pickle
-import re
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import refused_reason
 from .errors import ConfigError
 
 __all__ = [
@@ -340,9 +340,7 @@ def _read_state_dict(path: Path) -> dict[str, Any]:
         except RuntimeError:  # legacy (pre-zip) serialisation cannot be memory-mapped
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch's message is a page long and suggests weights_only=False; keep only the reason.
-        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\. |\n|$)", str(e))
-        reason = found.group(1) if found else "not a torch checkpoint"
+        reason = refused_reason(e)  # torch's message is a page long and suggests weights_only=False
         raise MerlinWeightsError(
             f"{path}: not a plain state dict of tensors, refused by torch.load(weights_only=True) ({reason})"
         ) from None

@@ -10,17 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import Config
-from .data import (
-    Collator,
-    CTReportDataset,
-    EvalSampler,
-    Table,
-    ignore_stop_signals,
-    read_csv_table,
-    read_directory_table,
-    rows_text,
-)
+from .data import Collator, CTReportDataset, EvalSampler, ignore_stop_signals
 from .errors import DataError, LoaderFailure
+from .tables import Table, read_csv_table, read_directory_table, rows_text
 
 
 def load_table(cfg: Config, split: str, *, train: bool) -> Table | None:
@@ -46,7 +38,7 @@ def _read_table(cfg: Config, split: str, *, train: bool) -> Table | None:
         if not split:
             return None
         # Rows the run will not use are named once, when the training split is read.
-        known = (cfg.train_split, cfg.val_split, "test") if train else ()
+        known = (cfg.train_split, cfg.val_split) if train else ()
         return read_csv_table(
             cfg.csv_file,
             split,

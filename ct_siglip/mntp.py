@@ -155,8 +155,8 @@ def pretrain_parser(description: str, *, steps: int, learning_rate: float, out_h
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m ct_siglip.mntp --text_model DIR --csv_file data.csv --out DIR`: MNTP on a split's reports."""
-    from .data import read_csv_table
     from .errors import DataError
+    from .tables import read_csv_table
 
     p = pretrain_parser(__doc__.splitlines()[0], steps=200, learning_rate=2e-3,
                         out_help="folder for the adapted model (use it as --text_model)")  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -115,13 +116,66 @@ def count_parameters(model: nn.Module) -> tuple[int, int]:
     return total, trainable
 
 
+def run_checkpoint(state: object, path: str | Path, flag: str) -> dict:
+    """`state` if it is a checkpoint this package wrote (model, optimizer, config, trainer state), else one line."""
+    keys = ("model", "optimizer", "config", "trainer", "step")
+    if isinstance(state, Mapping) and all(k in state for k in keys) and isinstance(state["model"], Mapping):
+        return dict(state)
+    raise ckpt.CheckpointError(
+        f"{path}: {flag} needs a checkpoint written by this package (step_*.pt or best.pt in a --save_dir); this "
+        f"file holds {_describe(state)}. To start from another file's weights use --init_from (a model state dict)"
+    )
+
+
+def _describe(state: object) -> str:
+    if isinstance(state, Mapping):
+        keys = sorted(map(str, state))
+        return f"a dict with keys {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}" if keys else "an empty dict"
+    return f"a {type(state).__name__}"
+
+
+def load_weights(model: nn.Module, weights: Mapping[str, torch.Tensor], path: str | Path, flag: str) -> None:
+    """`model.load_state_dict(weights)`, strict; what does not fit is one line naming the keys and shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    wrong = [
+        f"{k} {tuple(weights[k].shape)} vs {tuple(own[k].shape)}"
+        for k in own
+        if k in weights and hasattr(weights[k], "shape") and tuple(weights[k].shape) != tuple(own[k].shape)
+    ]
+    if missing or unexpected or wrong:
+        parts = [
+            f"{len(v)} {what} ({', '.join(v[:2])}{' ...' if len(v) > 2 else ''})"
+            for v, what in ((missing, "missing"), (unexpected, "unexpected"), (wrong, "of another shape"))
+            if v
+        ]
+        raise ckpt.CheckpointError(
+            f"{path}: {flag}: the weights do not fit this model: {'; '.join(parts)}. Build the model with the "
+            "settings the file was trained with (the config.json of its run)"
+        )
+    model.load_state_dict(weights)
+
+
+def init_from(model: nn.Module, path: str | Path) -> None:
+    """`--init_from`: the weights of a checkpoint of this package, or a state dict of a `ChestCTCLIP`."""
+    state = ckpt.load_checkpoint(path)
+    weights = state["model"] if isinstance(state, Mapping) and isinstance(state.get("model"), Mapping) else state
+    if not isinstance(weights, Mapping) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise ckpt.CheckpointError(
+            f"{path}: --init_from needs a checkpoint of this package or a state dict of its model; this file holds "
+            f"{_describe(state)}"
+        )
+    load_weights(model, weights, path, "--init_from")
+
+
 def load_model_from_checkpoint(path: str | Path, *, device: torch.device) -> tuple[ChestCTCLIP, dict, int]:
     """Rebuild the model a checkpoint was trained with and load its weights (strict)."""
-    state = ckpt.load_checkpoint(path)
+    state = run_checkpoint(ckpt.load_checkpoint(path), path, "--checkpoint")
     cfg = Config.from_dict(state["config"])
     cfg_for_build = Config.from_dict(
         {**state["config"], "image_weights": "none", "text_model_path": None, "init_from": None}
     )
     model = build_model(cfg_for_build, device=device)
-    model.load_state_dict(state["model"])
+    load_weights(model, state["model"], path, "--checkpoint")
     return model, asdict(cfg), int(state.get("step", 0))

@@ -24,9 +24,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .config import Config
-from .data import Table, rows_text
 from .distributed import all_gather_objects
 from .errors import DataError
+from .tables import Table, rows_text
 from .volume_io import SHAPE_HINT, load_volume, shape_outliers
 
 log = logging.getLogger("ct_siglip")

@@ -34,33 +34,82 @@ RESUME_MUST_MATCH = (
     "lora_alpha",
     "lora_target_modules",
     "fixed_temperature",
-    "text_learning_rate",  # None or a value: two or four optimizer groups, so the saved AdamW state differs
+    "text_learning_rate",  # None or a value: two or four optimizer groups (a new value is applied, see below)
     "seed",
     "max_text_length",
     "text_instruction",
     "text_chat_template",
 )
+# Of those, the ones that decide which tensors the model and the optimizer hold: not even --allow_config_change
+# can change them (the saved weights and AdamW state would not fit); --init_from starts a new run instead.
+STRUCTURE = (
+    "in_channels",
+    "embed_dim",
+    "image_depth",
+    "image_width",
+    "freeze_image_backbone",
+    "freeze_image_stem",
+    "pooling_mode",
+    "text_train",
+    "lora_r",
+    "lora_target_modules",
+    "fixed_temperature",
+)
+# Settings of the optimizer and the schedule: a resumed run applies the new value from its first step (one log
+# line says so), so config.json stays true. The step count and the data position do not depend on them.
+APPLIED_ON_RESUME = (
+    "learning_rate",
+    "text_learning_rate",
+    "weight_decay",
+    "warmup_steps",
+    "min_lr_ratio",
+    "max_steps",
+    "grad_clip",
+)
 
 
 def check_config_drift(state: dict, current: dict, *, allow: bool = False) -> None:
     """Refuse to continue a checkpoint whose model settings, global batch or training rows differ from this
-    run's (its steps would not mean the same thing); with `allow`, only log the differences."""
+    run's (its steps would not mean the same thing); with `allow`, only log the differences, except for the
+    settings that shape the saved tensors (`STRUCTURE`), which are always refused."""
     saved_cfg, t = state["config"], state["trainer"]
-    changed = [f"--{k} {saved_cfg.get(k)!r} -> {v!r}" for k, v in current["config"].items() if saved_cfg.get(k) != v]
+
+    def differs(key: str) -> bool:
+        old, new = saved_cfg.get(key), current["config"][key]
+        if key == "text_learning_rate":  # its value is applied on resume; on or off changes the optimizer groups
+            return (old is None) != (new is None)
+        return old != new
+
+    changed = [k for k in current["config"] if differs(k)]
+    described = [f"--{k} {saved_cfg.get(k)!r} -> {current['config'][k]!r}" for k in changed]
+    structural = [d for k, d in zip(changed, described) if k in STRUCTURE or k == "text_learning_rate"]
+    if structural:
+        raise ConfigError(
+            f"cannot resume: the checkpoint's weights and optimizer state do not fit this run's model "
+            f"({'; '.join(structural)}), and not even --allow_config_change can change that. Restore the "
+            "settings, or start a new run from its weights with --init_from CHECKPOINT"
+        )
     if t.get("global_batch") != current["global_batch"]:
-        changed.append(
+        described.append(
             f"global batch (batch_size x processes x grad_accum_steps) {t.get('global_batch')} -> "
             f"{current['global_batch']}"
         )
     if t.get("data_sha256") != current["data_sha256"]:
-        changed.append("the training rows (image paths or reports of the split) changed")
-    if changed and allow:
-        log.warning("resuming with changed settings (--allow_config_change): %s", "; ".join(changed))
-    elif changed:
+        described.append("the training rows (image paths or reports of the split) changed")
+    if described and allow:
+        log.warning("resuming with changed settings (--allow_config_change): %s", "; ".join(described))
+    elif described:
         raise ConfigError(
-            f"cannot resume: this run differs from the checkpoint's: {'; '.join(changed)}. Use a new "
+            f"cannot resume: this run differs from the checkpoint's: {'; '.join(described)}. Use a new "
             "--save_dir, restore the settings, or pass --allow_config_change"
         )
+
+
+def schedule_changes(saved_cfg: dict, cfg: dict) -> list[str]:
+    """`--flag old -> new` for each optimizer or schedule setting that a resumed run changes (and applies)."""
+    return [
+        f"--{k} {saved_cfg.get(k)!r} -> {cfg[k]!r}" for k in APPLIED_ON_RESUME if saved_cfg.get(k, cfg[k]) != cfg[k]
+    ]
 
 
 def truncate_log(path: Path, step: int, step_of: Callable[[str], int | None]) -> None:
@@ -68,9 +117,13 @@ def truncate_log(path: Path, step: int, step_of: Callable[[str], int | None]) ->
     resumed run logs each step once. Rewritten through a temp file: a kill now leaves the old file."""
     if not path.is_file():
         return
-    lines = path.read_text().splitlines(keepends=True)
+    lines = path.read_bytes().splitlines(keepends=True)
     kept = []
-    for line in lines:
+    for raw in lines:
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:  # a torn or damaged line (a disk that filled up mid-write): dropped
+            continue
         s = step_of(line)
         if s is not None and s <= step:
             kept.append(line if line.endswith("\n") else line + "\n")

@@ -10,7 +10,20 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import RunLogError
+
 FILE_ONLY = {"file_only": True}  # `extra=` for a record the console already shows (on stderr)
+
+
+class _FileHandler(logging.FileHandler):
+    """`train.log`: a write that fails (disk full) is said once on the console, not as a traceback per message."""
+
+    failed = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not self.failed:
+            self.failed = True
+            print(f"warning: cannot write {self.baseFilename}; the console keeps every message", file=sys.stderr)
 
 
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
@@ -19,7 +32,7 @@ def setup_logging(run_dir: Path | None, is_main: bool) -> None:
     console.addFilter(lambda record: not getattr(record, "file_only", False))
     handlers: list[logging.Handler] = [console]
     if run_dir is not None and is_main:
-        handlers.append(logging.FileHandler(run_dir / "train.log"))
+        handlers.append(_FileHandler(run_dir / "train.log"))
     logging.basicConfig(
         level=logging.INFO if is_main else logging.WARNING, format="%(message)s", handlers=handlers, force=True
     )
@@ -57,14 +70,31 @@ class MetricsLogger:
             return
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        self._append(json.dumps(record) + "\n", step)
         tb = self._writer()
         if tb is not None:
             for k, v in metrics.items():
                 if isinstance(v, (int, float)) and math.isfinite(v):
                     tb.add_scalar(k, v, step)
             tb.flush()
+
+    def _append(self, line: str, step: int) -> None:
+        """One whole line or none: a write that fails (disk full) is cut back to the previous line's end."""
+        data = line.encode()
+        try:
+            with open(self.path, "ab") as f:
+                end = f.tell()
+                try:
+                    f.write(data)
+                    f.flush()
+                except OSError:
+                    f.truncate(end)
+                    raise
+        except OSError as e:
+            raise RunLogError(
+                f"could not write {self.path} at step {step} ({e.strerror or e}); its earlier records are intact. "
+                "Free disk space or fix permissions, then rerun with --resume auto"
+            ) from None
 
     def close(self) -> None:
         if self.tb is not None:

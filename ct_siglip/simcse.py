@@ -92,9 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m ct_siglip.simcse --text_model DIR --csv_file data.csv --pair_column impressions --out DIR`."""
     import pandas as pd
 
-    from .data import read_csv_table
     from .errors import DataError
     from .mntp import pretrain_parser
+    from .tables import read_csv_table
 
     p = pretrain_parser(__doc__.splitlines()[0], steps=100, learning_rate=1e-3,
                         out_help="folder for the trained model (use it as --text_model)")  # fmt: skip

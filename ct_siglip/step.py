@@ -230,6 +230,18 @@ class TrainStep:
             p.grad.copy_(v)
         return buf[0]
 
+    def apply_schedule(self, cfg: Config) -> None:
+        """After loading a checkpoint: the learning rates and weight decay of `cfg` (a resumed run may change them),
+        at the loaded step of its warm-up + cosine schedule. Groups as `build_optimizer` orders them."""
+        self.grad_clip = cfg.grad_clip
+        factor = lr_factor(self.scheduler.last_epoch, cfg.warmup_steps, cfg.max_steps, cfg.min_lr_ratio)
+        for i, group in enumerate(self.optimizer.param_groups):
+            base = cfg.text_learning_rate if cfg.text_learning_rate is not None and i >= 2 else cfg.learning_rate
+            group["initial_lr"], group["lr"] = base, base * factor
+            group["weight_decay"] = cfg.weight_decay if i % 2 == 0 else 0.0
+            self.scheduler.base_lrs[i] = base
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
+
     def state_dict(self) -> dict:
         return {
             "optimizer": self.optimizer.state_dict(),

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint import refused_reason
 from .errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -63,8 +64,7 @@ def _read_weight_file(path: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"--text_model_path {path}: cannot be read as weights only ({first})") from err
+        raise ConfigError(f"--text_model_path {path}: cannot be read as weights only ({refused_reason(err)})") from None
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping) and "config" in obj:
         obj = obj["model"]  # a checkpoint of this package
     elif isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):

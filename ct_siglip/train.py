@@ -18,14 +18,14 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config, parse_config
-from .data import Table, rows_text
 from .distributed import init_distributed, shutdown_distributed
-from .errors import ConfigError, DataError, LoaderFailure, PeerFailure
+from .errors import ConfigError, DataError, LoaderFailure, PeerFailure, RunLogError
 from .loaders import load_table
-from .model import ChestCTCLIP, build_model, count_parameters
+from .model import ChestCTCLIP, build_model, count_parameters, init_from
 from .preflight import preflight_tables
 from .runlog import FILE_ONLY, setup_logging
 from .runtime import resolve_device, seed_everything
+from .tables import Table, rows_text
 from .trainer import SigLIPTrainer
 
 log = logging.getLogger("ct_siglip")
@@ -92,8 +92,7 @@ def setup_model(cfg: Config, device: torch.device, rank: int, world_size: int) -
     text_dtype = torch.bfloat16 if device.type == "cuda" and cfg.text_train in ("lora", "frozen") else None
     model = build_model(cfg, device=device, rank=rank, world_size=world_size, text_dtype=text_dtype)
     if cfg.init_from:
-        state = ckpt.load_checkpoint(cfg.init_from)
-        model.load_state_dict(state["model"])
+        init_from(model, cfg.init_from)
         log.info("Initialised model weights from %s (fresh optimizer and schedule)", cfg.init_from)
     total, trainable = count_parameters(model)
     log.info("Total parameters: %s", f"{total:,}")
@@ -132,17 +131,17 @@ def main(argv: list[str] | None = None) -> int:
     if not faulthandler.is_enabled():  # a crash in native code (a loader, a collective) still names the Python line
         faulthandler.enable()
     cfg = parse_config(argv)
-    if cfg.demo:
-        from .demo import demo_config
-
-        cfg = demo_config(cfg, argv)
     try:
+        if cfg.demo:
+            from .demo import demo_config
+
+            cfg = demo_config(cfg, argv)
         metrics = run(cfg)
     except (DataError, ConfigError, ckpt.CheckpointError) as e:
         log.error("error: %s", e, extra=FILE_ONLY)
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (LoaderFailure, PeerFailure) as e:
+    except (LoaderFailure, PeerFailure, RunLogError) as e:
         log.error("error: %s", e, extra=FILE_ONLY)
         print(f"error: {e}", file=sys.stderr)
         return 1

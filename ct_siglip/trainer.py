@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .config import Config
-from .data import CTReportDataset, GlobalBatchSampler, Table, table_fingerprint
+from .data import CTReportDataset, GlobalBatchSampler
 from .distributed import (
     Watchdog,
     all_gather_objects,
@@ -42,15 +42,16 @@ from .distributed import (
     broadcast_object,
     gather_ints,
 )
-from .errors import DataError, LoaderFailure, PeerFailure
+from .errors import DataError, LoaderFailure, PeerFailure, RunLogError
 from .evaluate import compute_embeddings, evaluate_embeddings, raise_batch_errors, text_encoder_fn
 from .feature_cache import cached_feature_loader
 from .loaders import build_eval_loader, build_loader, loader_failure
-from .model import ChestCTCLIP
-from .resume import RESUME_MUST_MATCH, check_config_drift, csv_step, jsonl_step, truncate_log
+from .model import ChestCTCLIP, load_weights, run_checkpoint
+from .resume import RESUME_MUST_MATCH, check_config_drift, csv_step, jsonl_step, schedule_changes, truncate_log
 from .runlog import FILE_ONLY, MetricsLogger, format_table
 from .runtime import rng_state, set_rng_state
 from .step import TrainStep
+from .tables import Table, table_fingerprint
 
 log = logging.getLogger("ct_siglip")
 
@@ -125,6 +126,7 @@ class SigLIPTrainer:
         self._new_bad: list[dict] = []  # bad-sample notes since the last step, not yet shared across ranks
         self._fetching = self._worker_exited = False  # see `_defer_worker_errors`
         self._sigchld_previous = None
+        self._log_error: RunLogError | None = None  # see `_log`
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -145,8 +147,8 @@ class SigLIPTrainer:
             },
         }
 
-    def load_state_dict(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
+    def load_state_dict(self, state: dict, source: str | Path = "checkpoint") -> None:
+        load_weights(self.model, state["model"], source, "--resume")
         self.stepper.load_state_dict(state)
         self.step = int(state["step"])
         rngs = state["rng"]
@@ -190,23 +192,42 @@ class SigLIPTrainer:
         """`--resume auto|PATH`: continue exactly where a checkpoint stopped, on any number of processes."""
         if not self.cfg.resume:
             return
-        path = None
+        path, damaged = None, []
         if self.is_main:  # one rank hashes the candidates; the others load what it chose
             path = ckpt.find_latest(self.run_dir) if self.cfg.resume == "auto" else Path(self.cfg.resume)
-        path = broadcast_object(path)
+            if path is None:
+                damaged = [f"{p.name}: {ckpt.verify_checkpoint(p)}" for p in ckpt.list_checkpoints(self.run_dir)]
+        path, damaged = broadcast_object((path, damaged))
+        if path is None and damaged:  # starting over would silently throw away (and re-log) what was trained
+            raise ckpt.CheckpointError(
+                f"--resume auto: {self.run_dir} holds {len(damaged)} checkpoints but none is intact "
+                f"({'; '.join(damaged[-3:])}). Pass --resume PATH of an intact copy, or move them out of "
+                "--save_dir to start again from step 0"
+            )
         if path is None:
             log.info("--resume auto: no complete checkpoint in %s, starting from scratch", self.run_dir)
+            self._truncate_logs()  # what a run killed before its first checkpoint logged is logged again now
             return
         # find_latest has just hashed it; an explicit path is checked here (by one rank: the file is shared).
         state = ckpt.load_checkpoint(path, verify=self.is_main and self.cfg.resume != "auto")
+        state = run_checkpoint(state, path, "--resume")
         check_config_drift(state, self.identity(), allow=self.cfg.allow_config_change)
-        self.load_state_dict(state)
+        self.load_state_dict(state, path)
+        if changes := schedule_changes(state["config"], asdict(self.cfg)):
+            self.stepper.apply_schedule(self.cfg)
+            log.warning(
+                "resuming with new training settings, applied from step %d: %s", self.step + 1, "; ".join(changes)
+            )
+        self._truncate_logs()
+        log.info("Resumed from %s at step %d", path, self.step)
+
+    def _truncate_logs(self) -> None:
+        """Drop the log records of steps after `self.step` (and torn last lines): each step is logged once."""
         if self.is_main:
             truncate_log(self.run_dir / "metrics.jsonl", self.step, jsonl_step)
             truncate_log(self.run_dir / "bad_samples.csv", self.step, csv_step)
             self.metrics.purge_after(self.step)
         barrier()
-        log.info("Resumed from %s at step %d", path, self.step)
 
     def identity(self) -> dict:
         """What a checkpoint must share with this run to be continued by it (see `check_config_drift`)."""
@@ -279,12 +300,13 @@ class SigLIPTrainer:
         anywhere every rank saves the step reached and stops; on a signal anywhere, likewise with
         exit status 128 + signal.
         """
-        fault: Exception | None = None
+        fault: Exception | None = self._log_error
         micro: list[dict] = []
-        try:
-            micro = next(data)
-        except (DataError, LoaderFailure) as e:
-            fault = e
+        if fault is None:
+            try:
+                micro = next(data)
+            except (DataError, LoaderFailure) as e:
+                fault = e
         status = gather_ints([fault is not None, self.stop_signal or 0, len(self._new_bad)], self.device)
         if any(s[2] for s in status):
             fault = self._record_bad_samples() or fault
@@ -333,7 +355,9 @@ class SigLIPTrainer:
                     w.writerow(["step", "path", "row", "problem"])
                 w.writerows([self.step + 1, n["path"], n["row"], n["problem"]] for n in notes)
         seen = (self.step + 1) * self.global_batch
-        if self.bad_samples > self.cfg.max_bad_fraction * max(seen, len(self.train_set)):
+        limit = self.cfg.max_bad_fraction
+        # 1.0 means never: replacements that are bad too count as bad draws, so the count can exceed `seen`
+        if limit < 1.0 and self.bad_samples > limit * max(seen, len(self.train_set)):
             return DataError(
                 f"{self.bad_samples} bad samples in {seen} exceed --max_bad_fraction {self.cfg.max_bad_fraction}",
                 path=str(path),
@@ -357,7 +381,7 @@ class SigLIPTrainer:
                 metrics = evaluate_embeddings(
                     emb, labels=labels, encode_text=text_encoder_fn(self.model, self.device, self.autocast)
                 )
-                self.metrics.log(self.step, metrics)
+                self._log(metrics)
                 tqdm.write(format_table(metrics, title=f"Validation at step {self.step}"))
             metrics = broadcast_object(metrics)
         value = metrics.get(self.cfg.best_metric)
@@ -417,6 +441,8 @@ class SigLIPTrainer:
                 bar.close()
                 if not last_val or self.step % max(cfg.eval_interval, 1) != 0:
                     last_val = self.validate()
+            if self._log_error is not None:  # at the last step or after it: the checkpoint is written
+                raise self._log_error
         finally:
             bar.close()  # also on an error: the message that follows starts on a line of its own
             data.close()
@@ -450,7 +476,7 @@ class SigLIPTrainer:
                 self._on_nonfinite(out)
             if cfg.log_sample_ids:
                 ids = torch.cat([b["index"] for b in micro]).to(self.device)
-                self.metrics.log(self.step, {"train/sample_ids": torch.cat(all_gather_tensors(ids)).tolist()})
+                self._log({"train/sample_ids": torch.cat(all_gather_tensors(ids)).tolist()})
             if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
                 elapsed = time.perf_counter() - t0
                 self._log_train(out, samples / max(elapsed, 1e-9))
@@ -461,6 +487,14 @@ class SigLIPTrainer:
                 self.save()
         return last_val
 
+    def _log(self, metrics: dict) -> None:
+        """A metrics record of this step. A write that fails (disk full) does not stop the step half-way: it
+        becomes this rank's fault, which the next step's agreement turns into a save and a stop on every rank."""
+        try:
+            self.metrics.log(self.step, metrics)
+        except RunLogError as e:
+            self._log_error = self._log_error or e
+
     def _on_nonfinite(self, out: dict) -> None:
         self.skipped_steps += 1
         log.warning(
@@ -470,7 +504,7 @@ class SigLIPTrainer:
             out["grad_norm"],
             self.stepper.bad_steps_in_row,
         )
-        self.metrics.log(self.step, {"train/skipped_steps": self.skipped_steps})
+        self._log({"train/skipped_steps": self.skipped_steps})
         if self.stepper.bad_steps_in_row >= self.cfg.max_bad_steps:
             self.save()
             msg = (
@@ -496,7 +530,7 @@ class SigLIPTrainer:
         }
         if "pair_loss" in out:
             metrics["train/pair_loss"] = out["pair_loss"]
-        self.metrics.log(self.step, metrics)
+        self._log(metrics)
         if self.is_main:
             tqdm.write(f"Step {self.step}: Loss = {out['loss']:.4f}, LR = {lr:.2e}")
 

@@ -12,8 +12,9 @@ from conftest import tiny_args, write_npz
 
 import ct_siglip.volume_io as volume_io
 import siglip_trainer
-from ct_siglip.data import CTReportDataset, read_csv_table
+from ct_siglip.data import CTReportDataset
 from ct_siglip.runlog import read_metrics
+from ct_siglip.tables import read_csv_table
 from ct_siglip.volume_io import VolumeCache, load_volume
 
 

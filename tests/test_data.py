@@ -10,16 +10,9 @@ import torch
 from conftest import write_npz
 from torch.utils.data import DataLoader
 
-from ct_siglip.data import (
-    Collator,
-    CTReportDataset,
-    EvalSampler,
-    GlobalBatchSampler,
-    read_csv_table,
-    read_directory_table,
-    table_fingerprint,
-)
+from ct_siglip.data import Collator, CTReportDataset, EvalSampler, GlobalBatchSampler
 from ct_siglip.errors import DataError
+from ct_siglip.tables import read_csv_table, read_directory_table, table_fingerprint
 
 
 def test_csv_paths_resolve_against_the_csv_folder_and_split_filters(small_csv, tmp_path):

@@ -12,10 +12,11 @@ import ct_siglip.feature_cache as fc
 import siglip_trainer
 from ct_siglip.checkpoint import find_latest, load_checkpoint
 from ct_siglip.config import Config, parse_config
-from ct_siglip.data import Collator, CTReportDataset, read_csv_table
+from ct_siglip.data import Collator, CTReportDataset
 from ct_siglip.errors import ConfigError
 from ct_siglip.model import build_model
 from ct_siglip.runlog import read_metrics
+from ct_siglip.tables import read_csv_table
 
 FROZEN = ["--freeze_image_backbone", "--text_train", "frozen"]
 

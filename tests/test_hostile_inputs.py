@@ -17,10 +17,10 @@ from conftest import tiny_args, write_npz
 
 import siglip_trainer
 from ct_siglip import checkpoint as ckpt
-from ct_siglip.data import read_csv_table
 from ct_siglip.errors import DataError
 from ct_siglip.preflight import run_preflight
 from ct_siglip.runlog import read_metrics
+from ct_siglip.tables import read_csv_table
 from ct_siglip.validate import validate_csv
 from ct_siglip.volume_io import load_volume
 
@@ -212,3 +212,52 @@ def test_a_split_without_its_reports_stops_and_says_which_keys_were_expected(
     (err,) = error_lines(capsys.readouterr().err)
     assert "6 of 6 training rows have no report (above --max_missing_reports 0.1" in err
     assert says in err
+
+
+# ------------------------------------------------------------------------------------------------- smaller
+def test_a_repeated_report_column_is_refused_not_read_at_random(tmp_path):
+    write_npz(tmp_path / "a.npz", shape=SHAPE)
+    (tmp_path / "d.csv").write_text("img_path,findings,split,findings\na.npz,Left effusion.,train,No effusion.\n")
+    with pytest.raises(DataError, match=r"d\.csv: column 'findings' appears 2 times \(columns 2, 4\)"):
+        read_csv_table(tmp_path / "d.csv", "train")
+
+
+def test_a_csv_that_is_not_utf8_names_the_row(tmp_path):
+    write_npz(tmp_path / "a.npz", shape=SHAPE)
+    text = "img_path,findings,split\na.npz,Normal.,train\na.npz,Kein Erguss.,train\na.npz,Épanchement.,train\n"
+    (tmp_path / "d.csv").write_bytes(text.encode("latin-1"))
+    with pytest.raises(DataError, match=r"d\.csv, row 3: not UTF-8 text at line 4 \(byte 0xc9\)"):
+        read_csv_table(tmp_path / "d.csv", "train")
+
+
+def test_unused_rows_are_named_with_what_the_run_really_uses(tmp_path, caplog):
+    write_npz(tmp_path / "a.npz", shape=SHAPE)
+    write_npz(tmp_path / "b.npz", shape=SHAPE)
+    write_npz(tmp_path / "c.npz", shape=SHAPE)
+    pd.DataFrame({"img_path": ["a.npz", "b.npz", "c.npz"], "findings": ["x", "y", "z"],
+                  "split": ["train", "val", "test"]}).to_csv(tmp_path / "d.csv", index=False)  # fmt: skip
+    read_csv_table(tmp_path / "d.csv", "train", known_splits=("train", ""))  # --val_split ''
+    assert "row 2: unknown split value 'val' (this run uses train); these rows are not used" in caplog.text
+    assert "'test'" not in caplog.text  # a held-out test split is no mistake
+
+
+def test_unsafe_loading_is_never_advised(tmp_path):
+    """torch's refusal of a pickled object suggests weights_only=False, which would run the file's code."""
+    import os
+
+    import torch
+
+    from ct_siglip.checkpoint import CheckpointError, load_checkpoint
+    from ct_siglip.errors import ConfigError
+    from ct_siglip.text_weights import read_text_weights
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("echo owned",))
+
+    torch.save({"model": Payload()}, tmp_path / "evil.pt")
+    for load, error in ((load_checkpoint, CheckpointError), (read_text_weights, ConfigError)):
+        with pytest.raises(error) as info:
+            load(tmp_path / "evil.pt")
+        assert "weights_only" not in str(info.value).replace("weights_only=True", "") and "\n" not in str(info.value)
+        assert "system" in str(info.value)  # the reason: what it tried to import

@@ -24,11 +24,11 @@ from conftest import children, tiny_args, write_npz
 
 import siglip_trainer
 from ct_siglip import checkpoint as ckpt
-from ct_siglip.data import read_csv_table, read_directory_table
 from ct_siglip.errors import DataError
 from ct_siglip.loss import SigLIPLoss
 from ct_siglip.preflight import CACHE_NAME, run_preflight
 from ct_siglip.runlog import read_metrics
+from ct_siglip.tables import read_csv_table, read_directory_table
 from ct_siglip.trainer import SigLIPTrainer
 
 ROOT = Path(__file__).resolve().parent.parent

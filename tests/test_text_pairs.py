@@ -9,10 +9,11 @@ from conftest import tiny_args
 
 import siglip_trainer
 from ct_siglip.config import Config, parse_config
-from ct_siglip.data import Collator, CTReportDataset, read_csv_table
+from ct_siglip.data import Collator, CTReportDataset
 from ct_siglip.errors import ConfigError, DataError
 from ct_siglip.loss import text_pair_loss
 from ct_siglip.runlog import read_metrics
+from ct_siglip.tables import read_csv_table
 
 
 def test_pair_loss_matches_a_hand_computed_two_pair_case():
