@@ -190,17 +190,30 @@ def _p2p(sends: list[tuple[torch.Tensor, int]], recvs: list[tuple[torch.Tensor, 
     return tuple(outs)
 
 
-def text_pair_loss(first: torch.Tensor, second: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+def text_pair_loss(
+    first: torch.Tensor, second: torch.Tensor, temperature: float = 0.05, *, rank: int = 0, world_size: int = 1
+) -> torch.Tensor:
     """Symmetric InfoNCE between two texts of each study (`--text_pair_weight`): row i of `first` must pick
-    row i of `second` among the batch's, and the reverse, on cosine similarity / `temperature`.
+    row i of `second` among the global batch's, and the reverse, on cosine similarity / `temperature`.
 
     LLM2Vec's pair step (`ct_siglip.simcse`) uses the one-directional form of this loss before CLIP. During
-    CLIP it runs on the projected embeddings the SigLIP loss sees, on each process's own batch (the pairs are a
-    regulariser of the text tower, not part of the image-text objective, so no cross-process exchange), and
-    symmetric, so that both texts of a pair are pulled toward each other and neither drifts alone.
+    CLIP it runs on the projected embeddings the SigLIP loss sees, symmetric, so that both texts of a pair are
+    pulled toward each other and neither drifts alone.
+
+    Across processes each rank scores its own rows (of `first` against every rank's `second`, and of `second`
+    against every rank's `first`) and returns their sum / b, as `SigLIPLoss` does: the mean over ranks is the
+    global batch's loss, and DDP's averaged gradients are its gradient (the gathered rows' gradients are summed
+    back to their owners). So 2 processes of 4 train like one of 8.
     """
-    a = F.normalize(first.float(), dim=-1)
-    b = F.normalize(second.float(), dim=-1)
-    logits = a @ b.T / temperature
-    target = torch.arange(len(a), device=a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    dtype = torch.promote_types(first.dtype, torch.float32)  # float32 at least; float64 stays float64
+    a = F.normalize(first.to(dtype), dim=-1)
+    b = F.normalize(second.to(dtype), dim=-1)
+    if world_size == 1:
+        logits = a @ b.T / temperature
+        target = torch.arange(len(a), device=a.device)
+        return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
+    all_a, all_b = _AllGather.apply(a.contiguous()), _AllGather.apply(b.contiguous())
+    target = torch.arange(len(a), device=a.device) + rank * len(a)
+    rows = F.cross_entropy(a @ all_b.T / temperature, target, reduction="sum")
+    cols = F.cross_entropy(b @ all_a.T / temperature, target, reduction="sum")
+    return 0.5 * (rows + cols) / len(a)

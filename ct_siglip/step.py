@@ -170,41 +170,46 @@ class TrainStep:
         gradients: exact, at the cost of one more forward. Under DDP only the last of those backward passes
         all-reduces the towers' gradients.
         """
-        states, imgs, txts = [], [], []
+        states, imgs, txts, partners = [], [], [], []
         with torch.no_grad(), frozen_norm_stats(self.model):
             for mb in micro_batches:
                 states.append(rng_state(self.device))
-                img, txt, _ = self.embed(mb)
+                img, txt, partner = self.embed(mb)
                 imgs.append(img.float())
                 txts.append(txt.float())
+                partners.append(None if partner is None else partner.float())
         img_all = torch.cat(imgs).requires_grad_()
         txt_all = torch.cat(txts).requires_grad_()
         loss = self.model.loss_fn(img_all, txt_all)
-        self.scaler.scale(loss).backward()
+        # The report pairs, like the SigLIP pairs, are scored over the whole global batch: their gradient too
+        # reaches each micro-batch through its embeddings.
+        part_all = None if partners[0] is None else torch.cat(partners).requires_grad_()
+        pair = self._pair_term(txt_all, part_all)
+        self.scaler.scale(loss if pair is None else loss + pair).backward()
         sizes = [len(x) for x in imgs]
+        part_grads = part_all.grad.split(sizes) if part_all is not None else [None] * len(sizes)
         last = len(micro_batches) - 1
-        for k, (mb, state, g_img, g_txt) in enumerate(
-            zip(micro_batches, states, img_all.grad.split(sizes), txt_all.grad.split(sizes))
+        for k, (mb, state, g_img, g_txt, g_part) in enumerate(
+            zip(micro_batches, states, img_all.grad.split(sizes), txt_all.grad.split(sizes), part_grads)
         ):
             set_rng_state(state, self.device)
             with self._no_sync(k < last):
                 img, txt, partner = self.embed(mb)
-                # the pair loss pairs texts within each micro-batch (it is a text regulariser, see text_pair_loss)
-                pair = self._pair_term(txt, partner, share=1.0 / len(micro_batches))
                 outputs, grads = [img.float(), txt.float()], [g_img, g_txt]
-                if pair is not None:
-                    outputs.append(self.scaler.scale(pair))
-                    grads.append(None)
+                if g_part is not None:
+                    outputs.append(partner.float())
+                    grads.append(g_part)
                 torch.autograd.backward(outputs, grads)
         return loss
 
-    def _pair_term(self, txt: torch.Tensor, partner: torch.Tensor | None, share: float = 1.0) -> torch.Tensor | None:
-        """`--text_pair_weight` x the report-pair loss (times `share`, a micro-batch's part of the step), or None."""
+    def _pair_term(self, txt: torch.Tensor, partner: torch.Tensor | None) -> torch.Tensor | None:
+        """`--text_pair_weight` x the report-pair loss over the global batch (all ranks), or None without pairs."""
         if partner is None:
             return None
-        loss = text_pair_loss(txt, partner, self.pair_temperature)
-        self.pair_losses.append(loss.detach() * share)  # read after the step: no device sync before backward
-        return self.pair_weight * share * loss
+        lf = self.model.loss_fn
+        loss = text_pair_loss(txt, partner, self.pair_temperature, rank=lf.rank, world_size=lf.world_size)
+        self.pair_losses.append(loss.detach())  # read after the step: no device sync before backward
+        return self.pair_weight * loss
 
     def _no_sync(self, skip: bool) -> contextlib.AbstractContextManager:
         """DDP's `no_sync` (gradients accumulate locally, no all-reduce) when `skip`, else nothing."""
