@@ -5,6 +5,7 @@ Imports go one way, from the commands down to the helpers:
 - training: `trainer` (SigLIPTrainer: loop, validation, checkpoints), `step` (TrainStep: the optimizer step),
   `resume`, `checkpoint`, `distributed`, `feature_cache`, `runlog`;
 - data: `loaders` (a run's DataLoaders), `tables`, `data`, `volume_io`, `preflight`, `synthetic/`;
+  scans to volumes: `preprocess` (the command), `convert`, `scan_checks`;
 - models (import without the trainer): `model`, `image_tower`, `text_tower`, `text_weights`, `text_cache`,
   `pooling`, `loss`, `tiny_models`;
 - below everything: `config`, `runtime` (device, precision, seeding), `errors`, `metrics`.

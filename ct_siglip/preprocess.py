@@ -33,8 +33,7 @@ import re
 import sys
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -42,223 +41,11 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from .convert import PreprocessSettings, one_line, preprocess_volume
 from .errors import DataError
+from .scan_checks import MIN_EXTENT_MM, NIFTI_SUFFIXES, find_series
 
-FORMAT_VERSION = 1  # bump when the output of the same settings changes, so reruns redo old files
-NIFTI_SUFFIXES = (".nii.gz", ".nii")
-# nibabel's convention, which MONAI's readers follow: the second label of each pair is the direction
-# in which the world coordinate grows, so axis code "R" means "index grows toward the patient's Right".
-RAS_LABELS = (("L", "R"), ("P", "A"), ("I", "S"))
-STORED_AXES = {
-    "C": "HU windows, in --windows order",
-    "D": "inferior -> superior (index 0 = feet side)",
-    "H": "patient left -> patient right (index 0 = patient's left)",
-    "W": "posterior -> anterior (index 0 = patient's back)",
-}
-
-
-@dataclass(frozen=True)
-class PreprocessSettings:
-    """Everything that changes the output array; a finished file is reused only when these match."""
-
-    spacing: tuple[float, float, float] = (1.25, 1.25, 2.0)
-    """Target voxel size in mm along (H, W, D) = (R, A, S)."""
-    size: tuple[int, int, int] = (256, 256, 192)
-    """Target grid (H, W, D) in voxels; the stored array is (C, D, H, W)."""
-    windows: tuple[tuple[float, float], ...] = ((-1000.0, 400.0), (-1000.0, 2000.0))
-    """HU windows (low, high), one output channel each, clipped and scaled to [0, 1]."""
-    body_threshold: float = -500.0
-    """Voxels above this HU count as body (and table) when cropping away the air around the patient."""
-    margin_mm: float = 10.0
-    """Kept around the body box, so the skin is not cut."""
-    pad_value: float = -1000.0
-    """HU used for padding (air), applied before windowing."""
-
-    def __post_init__(self) -> None:
-        # Normalise types once (CLI ints vs floats), so settings compare equal to a loaded sidecar.
-        object.__setattr__(self, "spacing", tuple(float(v) for v in self.spacing))
-        object.__setattr__(self, "size", tuple(int(v) for v in self.size))
-        object.__setattr__(self, "windows", tuple((float(lo), float(hi)) for lo, hi in self.windows))
-        if len(self.spacing) != 3 or min(self.spacing) <= 0:
-            raise ValueError(f"--spacing needs 3 positive numbers (mm along H, W, D), got {self.spacing}")
-        if len(self.size) != 3 or min(self.size) <= 0:
-            raise ValueError(f"--size needs 3 positive integers (H, W, D), got {self.size}")
-        if not self.windows or any(len(w) != 2 or w[1] <= w[0] for w in self.windows):
-            raise ValueError(f"--windows needs pairs LOW HIGH with LOW < HIGH, got {self.windows}")
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["format_version"] = FORMAT_VERSION
-        return json.loads(json.dumps(d))  # tuples -> lists, so it compares equal to a loaded sidecar
-
-
-# ----------------------------------------------------------------------------------------------
-# One volume
-# ----------------------------------------------------------------------------------------------
-
-
-def _above(threshold: float, x):
-    """Module-level (picklable) foreground selector for CropForeground."""
-    return x > threshold
-
-
-def load_scan(path: str | Path):
-    """Read a NIfTI file or a DICOM series folder as a MONAI MetaTensor (H, W, D) with a RAS affine."""
-    from monai.transforms import LoadImage
-
-    path = Path(path)
-    if path.is_dir():
-        try:
-            import pydicom  # noqa: F401
-        except ImportError:
-            raise DataError(
-                "is a DICOM series folder, but pydicom is not installed",
-                path=str(path),
-                hint="pip install pydicom, or convert the series to NIfTI with dcm2niix",
-            ) from None
-        reader = "PydicomReader"
-    elif path.is_file():
-        if not path.name.lower().endswith(NIFTI_SUFFIXES):
-            raise DataError("not a NIfTI file (.nii / .nii.gz) or a DICOM series folder", path=str(path))
-        import nibabel as nib
-
-        try:  # header only; MONAI's own message for an unreadable file lists readers, not the cause
-            nib.load(str(path))
-        except Exception as e:
-            raise DataError(
-                f"not a readable NIfTI file ({type(e).__name__}: {_one_line(e)})",
-                path=str(path),
-                hint="the file is corrupt or not NIfTI",
-            ) from None
-        reader = "NibabelReader"
-    else:
-        raise DataError("scan not found", path=str(path), hint="check the image column and --input_dir")
-    try:
-        img = LoadImage(image_only=True, reader=reader, dtype=np.float32)(str(path))
-    except Exception as e:  # readers raise many types; the user needs the file name and the gist
-        raise DataError(
-            f"cannot read scan ({type(e).__name__}: {_one_line(e)})",
-            path=str(path),
-            hint="the file may be truncated or not an image",
-        ) from None
-    return img
-
-
-def preprocess_volume(
-    path_or_array: str | Path | np.ndarray,
-    affine: np.ndarray | None = None,
-    settings: PreprocessSettings | None = None,
-    **overrides: Any,
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Turn one CT scan into the stored `(C, D, H, W)` float16 array in [0, 1], plus its metadata.
-
-    `path_or_array`: a NIfTI path, a DICOM folder, or an array (X, Y, Z) of HU values whose voxel
-    indices map to world millimetres through `affine` (4 x 4, nibabel's RAS+ convention: +x = patient
-    Right, +y = Anterior, +z = Superior; identity when omitted). `overrides` set fields of
-    `PreprocessSettings` (e.g. `size=(32, 32, 16)`).
-    """
-    import torch
-    from monai.data import MetaTensor
-    from monai.transforms import (
-        CropForeground,
-        Orientation,
-        ResizeWithPadOrCrop,
-        ScaleIntensityRange,
-        Spacing,
-    )
-
-    s = settings or PreprocessSettings()
-    if overrides:
-        s = PreprocessSettings(**{**asdict(s), **overrides})
-    if isinstance(path_or_array, (str, Path)):
-        source = str(path_or_array)
-        loaded = load_scan(path_or_array)
-        arr, aff = loaded.as_tensor(), torch.as_tensor(loaded.affine, dtype=torch.float64)
-    else:
-        source = "<array>"
-        arr = torch.from_numpy(np.ascontiguousarray(path_or_array, dtype=np.float32))
-        aff = torch.eye(4, dtype=torch.float64) if affine is None else torch.as_tensor(affine, dtype=torch.float64)
-        if aff.shape != (4, 4):
-            raise DataError(f"affine must be 4 x 4, got {tuple(aff.shape)}", path=source)
-    if arr.ndim == 4 and arr.shape[-1] == 1:  # (X, Y, Z, 1) NIfTI files with a singleton 4th axis
-        arr = arr[..., 0]
-    if arr.ndim != 3:
-        raise DataError(
-            f"expected a 3-D scan, got shape {tuple(arr.shape)}",
-            path=source,
-            hint="give one 3-D volume per row (split 4-D series first)",
-        )
-    arr = arr.float()
-    # Some converters write NaN outside the reconstructed field of view: treat it as air.
-    nonfinite = 0
-    if not bool(torch.isfinite(arr).all()):
-        nonfinite = int((~torch.isfinite(arr)).sum())
-        arr = torch.nan_to_num(arr, nan=s.pad_value, posinf=s.pad_value, neginf=s.pad_value)
-    warnings = []
-    if float(arr.min()) > s.body_threshold:  # a chest CT always holds air (lungs, outside the body)
-        warnings.append(f"no voxel below {s.body_threshold:g} HU: values may not be Hounsfield units")
-
-    # Built channel-first on purpose: a MetaTensor made from a channel-less 3-D tensor records 2 spatial
-    # dims, and MONAI's crops then leave the third axis out of the affine update (off by the crop).
-    img = MetaTensor(arr[None], affine=aff)
-    original_shape = [int(n) for n in arr.shape]
-    original_affine = aff.numpy().copy()
-
-    img = Orientation(axcodes="RAS", labels=RAS_LABELS)(img)
-    img = Spacing(pixdim=s.spacing, mode="bilinear", padding_mode="border", dtype=np.float32)(img)
-    resampled_shape = [int(n) for n in img.shape[1:]]
-
-    body = img[0] > s.body_threshold
-    if not bool(body.any()):
-        hi = float(img.max())
-        raise DataError(
-            f"no voxel above {s.body_threshold:g} HU (max {hi:.4g})",
-            path=source,
-            hint="is this a CT in Hounsfield units? already-scaled volumes cannot be preprocessed",
-        )
-    margin = [int(np.ceil(s.margin_mm / sp)) for sp in s.spacing]
-    img = CropForeground(select_fn=partial(_above, s.body_threshold), margin=margin, allow_smaller=True)(img)
-    body_shape = [int(n) for n in img.shape[1:]]
-    img = ResizeWithPadOrCrop(spatial_size=s.size, mode="constant", value=s.pad_value)(img)
-    out_affine = np.asarray(img.affine, dtype=np.float64)  # voxel (H, W, D) -> RAS mm, after crop and pad
-
-    hu = img.as_tensor()[0]
-    hwd = torch.stack(
-        [ScaleIntensityRange(a_min=lo, a_max=hi, b_min=0.0, b_max=1.0, clip=True)(hu) for lo, hi in s.windows]
-    ).numpy()  # (C, H, W, D)
-    image = np.ascontiguousarray(hwd.transpose(0, 3, 1, 2)).astype(np.float16)  # (C, D, H, W)
-
-    import nibabel as nib
-
-    meta = {
-        "source": source,
-        "layout": "CDHW",
-        "orientation": "RAS",
-        "axes": STORED_AXES,
-        "shape": list(image.shape),
-        "dtype": str(image.dtype),
-        "spacing_dhw_mm": [s.spacing[2], s.spacing[0], s.spacing[1]],
-        "windows_hu": [list(w) for w in s.windows],
-        "affine_hwd_ras": out_affine.tolist(),
-        "original_shape": original_shape,
-        "original_affine_ras": original_affine.tolist(),
-        "original_orientation": "".join(nib.aff2axcodes(original_affine, labels=RAS_LABELS)),
-        "nonfinite_voxels_replaced": nonfinite,
-        "original_spacing_mm": [float(v) for v in np.linalg.norm(original_affine[:3, :3], axis=0)],
-        "resampled_shape_hwd": resampled_shape,
-        "body_shape_hwd": body_shape,
-        # The body box was larger than --size along these axes, so part of it was cut off (centre crop).
-        "cropped_axes": [ax for ax, n, t in zip("HWD", body_shape, s.size) if n > t],
-        "warnings": warnings,
-        "settings": s.to_json(),
-    }
-    return image, meta
-
-
-def _one_line(e: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
+__all__ = ["Job", "PreprocessSettings", "main", "preprocess_volume", "process_job", "run_jobs"]
 
 # ----------------------------------------------------------------------------------------------
 # Writing, resuming
@@ -310,6 +97,7 @@ class Job:
     out_stem: str
     settings: PreprocessSettings = field(default_factory=PreprocessSettings)
     overwrite: bool = False
+    min_extent_mm: float = MIN_EXTENT_MM
 
 
 def process_job(job: Job, out_dir: str) -> dict[str, Any]:
@@ -322,15 +110,15 @@ def process_job(job: Job, out_dir: str) -> dict[str, Any]:
             result["status"] = "skipped"
             return result
         t0 = time.perf_counter()
-        image, meta = preprocess_volume(job.source, settings=job.settings)
+        image, meta = preprocess_volume(job.source, settings=job.settings, min_extent_mm=job.min_extent_mm)
         save_npz(npz_path, image, meta["spacing_dhw_mm"])
         meta["seconds"] = round(time.perf_counter() - t0, 3)
         save_json(json_path, meta)
         result.update(status="done", warnings=meta["warnings"])
     except DataError as e:
-        result.update(status="failed", reason=_one_line(e.problem + (f" ({e.hint})" if e.hint else "")))
+        result.update(status="failed", reason=one_line(e.problem + (f" ({e.hint})" if e.hint else "")))
     except Exception as e:  # one bad scan must not stop the others
-        result.update(status="failed", reason=f"{type(e).__name__}: {_one_line(e)}")
+        result.update(status="failed", reason=f"{type(e).__name__}: {one_line(e)}")
     return result
 
 
@@ -365,7 +153,7 @@ def run_jobs(jobs: list[Job], out_dir: Path, workers: int) -> list[dict[str, Any
                             "source": job.source,
                             "npz": f"{job.out_stem}.npz",
                             "status": "failed",
-                            "reason": f"worker died: {type(e).__name__}: {_one_line(e)}",
+                            "reason": f"worker died: {type(e).__name__}: {one_line(e)}",
                         }
                     )
                 bar.update()
@@ -400,10 +188,12 @@ def assign_stems(sources: list[str], ids: list[str] | None = None) -> dict[str, 
 
 
 def find_scans(input_dir: Path) -> list[Path]:
-    """NIfTI files, and folders holding .dcm files (one DICOM series each), under `input_dir`."""
-    found = [p for p in input_dir.rglob("*") if p.is_file() and p.name.lower().endswith(NIFTI_SUFFIXES)]
-    dicom_dirs = {p.parent for p in input_dir.rglob("*.dcm")}
-    return sorted(found + sorted(dicom_dirs))
+    """NIfTI files, and folders of two or more DICOM files (one series each, any file names), under `input_dir`."""
+    scans, single = find_series(input_dir)
+    if single:
+        names = ", ".join(str(p.relative_to(input_dir)) or "." for p in single[:3])
+        print(f"note: {len(single)} folders with a single DICOM file are not series, left out: {names}")
+    return scans
 
 
 def read_input_table(args: argparse.Namespace) -> tuple[pd.DataFrame, Path]:
@@ -506,6 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--body_threshold", type=float, default=-500.0, help="HU above which a voxel counts as body")
     p.add_argument("--margin_mm", type=float, default=10.0, help="margin kept around the body box")
+    p.add_argument("--min_extent_mm", type=float, default=MIN_EXTENT_MM,
+                   help="refuse scans smaller than this along any axis (slabs, cropped fields of view); 0: off")  # fmt: skip
     p.add_argument(
         "--workers",
         type=int,
@@ -552,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
             failed_early.append({"row": row, "source": "", "npz": "", "status": "failed", "reason": "empty image path"})
         elif src not in seen:  # a scan listed twice (two reports) is converted once
             seen.add(src)
-            jobs.append(Job(row, src, stems[src], settings, args.overwrite))
+            jobs.append(Job(row, src, stems[src], settings, args.overwrite, args.min_extent_mm))
     print(
         f"{len(jobs)} scans -> {out_dir} (spacing {settings.spacing} mm, size {settings.size} (H, W, D), "
         f"{len(settings.windows)} windows, {args.workers} workers)"

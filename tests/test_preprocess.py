@@ -14,8 +14,10 @@ from ct_siglip.errors import DataError
 from ct_siglip.preprocess import main, preprocess_volume
 from ct_siglip.validate import validate_csv
 
-SMALL = {"spacing": (2.0, 2.0, 4.0), "size": (32, 32, 16)}  # (H, W, D); keeps every scan to ~1 s
-SMALL_ARGS = ["--spacing", "2", "2", "4", "--size", "32", "32", "16"]
+# (H, W, D); keeps every scan to ~1 s. The phantoms are a few cm wide, far below a chest CT's extent: the
+# minimum-extent check (tested in test_scan_checks.py) is off for them.
+SMALL = {"spacing": (2.0, 2.0, 4.0), "size": (32, 32, 16)}
+SMALL_ARGS = ["--spacing", "2", "2", "4", "--size", "32", "32", "16", "--min_extent_mm", "0"]
 
 
 def _affine(columns: dict[int, tuple[int, float]], origin=(10.0, 20.0, -30.0)) -> np.ndarray:
@@ -70,7 +72,7 @@ def test_marker_lands_on_documented_side(tmp_path: Path, shape, affine, marker, 
     if codes == ("I", "L", "P"):
         path = tmp_path / "scan.nii.gz"
         nib.save(nib.Nifti1Image(vol, affine), path)
-        image, meta = preprocess_volume(path, **SMALL)
+        image, meta = preprocess_volume(path, min_extent_mm=0, **SMALL)
     else:
         image, meta = preprocess_volume(vol, affine, **SMALL)
 
@@ -134,7 +136,7 @@ def _write_cases(root: Path) -> Path:
 def test_cli_resumes_and_reports_failures(tmp_path: Path, capsys):
     csv = _write_cases(tmp_path)
     out = tmp_path / "npz"
-    base = ["--input_csv", str(csv), "--out_dir", str(out), "--findings_column", "report"]
+    base = ["--input_csv", str(csv), "--out_dir", str(out), "--findings_column", "report", "--min_extent_mm", "0"]
     argv = [*base, *SMALL_ARGS]
 
     assert main([*argv, "--workers", "1"]) == 1  # three rows fail, the others finish
