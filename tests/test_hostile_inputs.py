@@ -261,3 +261,14 @@ def test_unsafe_loading_is_never_advised(tmp_path):
             load(tmp_path / "evil.pt")
         assert "weights_only" not in str(info.value).replace("weights_only=True", "") and "\n" not in str(info.value)
         assert "system" in str(info.value)  # the reason: what it tried to import
+
+
+def test_a_bad_validation_file_alone_says_nothing_about_training_rows(tmp_path, tiny_llama_dir):
+    """Before: 'Preflight: 0 bad training rows will be replaced when drawn'."""
+    csv = make_csv(tmp_path, 8, 2)
+    damage(tmp_path / "vols" / "case09.npz", "corrupt deflate data")
+    run = tmp_path / "run"
+    args = ["--max_steps", "1", "--on_bad_sample", "skip", "--eval_interval", "0"]
+    assert siglip_trainer.main(tiny_args(csv, run, tiny_llama_dir, *args)) == 0
+    log = (run / "train.log").read_text()
+    assert "bad training rows" not in log and "row 10 of the validation split left out" in log
