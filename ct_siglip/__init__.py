@@ -1,7 +1,8 @@
 """Chest-CT SigLIP: Merlin's I3ResNet image tower + an LLM2Vec text tower, trained with the sigmoid loss.
 
 Imports go one way, from the commands down to the helpers:
-- commands: `train` (the training CLI), `evaluate`, `preprocess`, `validate`, `plots`, `demo`, `mntp`, `simcse`;
+- commands: `train` (the training CLI), `evaluate`, `export`, `preprocess`, `validate`, `plots`, `demo`, `mntp`,
+  `simcse`;
 - training: `trainer` (SigLIPTrainer: loop, validation, checkpoints), `step` (TrainStep: the optimizer step),
   `resume`, `checkpoint`, `distributed`, `feature_cache`, `runlog`;
 - data: `loaders` (a run's DataLoaders), `tables`, `data`, `volume_io`, `preflight`, `synthetic/`;

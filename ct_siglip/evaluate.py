@@ -128,13 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=None)
     p.add_argument("--num_workers", type=int, default=2)
     p.add_argument("--device", default="auto")
+    p.add_argument("--text_model", default=None, help="the text base model, when the folder the run used has moved")
     p.add_argument(
         "--out_dir", default=None, help="where metrics.jsonl and the embeddings go (default: beside the checkpoint)"
     )
     p.add_argument("--save_embeddings", action="store_true", help="write image/text embeddings of the split")
     args = p.parse_args(argv)
     device = resolve_device(args.device)
-    model, cfg_dict, step = load_model_from_checkpoint(args.checkpoint, device=device)
+    model, cfg_dict, step = load_model_from_checkpoint(args.checkpoint, device=device, text_model=args.text_model)
     cfg_dict.update(
         csv_file=args.csv_file, train_data_dir=None, demo=False, num_workers=args.num_workers, val_split=args.split
     )

@@ -1,9 +1,16 @@
-"""ChestCTCLIP: the two towers and the SigLIP loss, and the factory that builds them from a Config."""
+"""ChestCTCLIP: the two towers and the SigLIP loss, the factory that builds them from a Config, and loading a
+trained model: from a checkpoint of a run, or from a folder `ct-siglip-export` wrote (`from_pretrained`).
+
+    model = ChestCTCLIP.from_pretrained("exported/")        # or a hub id, or RUN/best.pt
+    images = model.encode_images(["scan1.npz", "scan2.npz"])  # (2, 512), L2-normalised
+    scores = model.zero_shot(images, {"Pleural effusion": ("There is pleural effusion.", "There is no pleural effusion.")})
+"""
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,7 +19,12 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from .config import Config
+from .errors import ConfigError
 from .loss import SigLIPLoss
+from .metrics import zero_shot_scores
+
+EXPORT_CONFIG, EXPORT_WEIGHTS, EXPORT_TEXT_DIR = "config.json", "model.safetensors", "text_model"
+EXPORT_FORMAT = 1
 
 log = logging.getLogger("ct_siglip")
 
@@ -40,6 +52,70 @@ class ChestCTCLIP(nn.Module):
     def encode_text_features(self, pooled: torch.Tensor) -> torch.Tensor:
         """The text head alone, on pooled LLM embeddings (`text_encoder.embed`); see above."""
         return self.text_encoder.project(pooled)
+
+    # -- using a trained model ------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, source: str | Path, *, device: str | torch.device = "cpu", text_model: str | None = None
+    ) -> ChestCTCLIP:
+        """A trained model, in eval mode: a folder written by `ct-siglip-export` (or its Hugging Face Hub id), or a
+        checkpoint of a run (`step_*.pt`, `best.pt`). `text_model` points to the text base model when the folder
+        the run used has moved."""
+        device = torch.device(device)
+        path = Path(source).expanduser()
+        if path.is_file():
+            model, _, _ = load_model_from_checkpoint(path, device=device, text_model=text_model)
+        else:
+            model = _load_export(path if path.is_dir() else _hub_snapshot(str(source)), device, text_model)
+        return model.eval()
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @torch.no_grad()
+    def encode_images(
+        self, volumes: torch.Tensor | Sequence[str | Path], *, batch_size: int = 4, npz_key: str = "image"
+    ) -> torch.Tensor:
+        """(N, embed_dim) L2-normalised embeddings of (N, C, D, H, W) volumes in [0, 1], or of NPZ files (read and
+        checked as training reads them)."""
+        if not isinstance(volumes, torch.Tensor):
+            from .volume_io import load_volume
+
+            channels = self.image_encoder.backbone.in_channels
+            volumes = torch.stack([torch.from_numpy(load_volume(p, npz_key, channels)) for p in volumes])
+        was_training = self.training
+        self.eval()
+        try:
+            out = [self.encode_image(volumes[i : i + batch_size].to(self._device(), torch.float32)).float().cpu()
+                   for i in range(0, len(volumes), batch_size)]  # fmt: skip
+        finally:
+            self.train(was_training)
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def encode_reports(self, texts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
+        """(N, embed_dim) L2-normalised embeddings of report texts (or prompts)."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = []
+            for i in range(0, len(texts), batch_size):
+                batch = self.text_encoder.tokenize(list(texts[i : i + batch_size]))
+                out.append(self.encode_text({k: v.to(self._device()) for k, v in batch.items()}).float().cpu())
+        finally:
+            self.train(was_training)
+        return torch.cat(out)
+
+    def zero_shot(
+        self, volumes: torch.Tensor | Sequence[str | Path], prompts: Mapping[str, tuple[str, str]]
+    ) -> dict[str, torch.Tensor]:
+        """Per label, the score cos(image, positive prompt) - cos(image, negative prompt) of each volume (> 0 leans
+        positive): the score the evaluation's zero-shot AUROC ranks. `volumes` as for `encode_images`, or their
+        embeddings (N, embed_dim)."""
+        is_emb = isinstance(volumes, torch.Tensor) and volumes.ndim == 2
+        images = volumes if is_emb else self.encode_images(volumes)
+        texts = self.encode_reports([t for pair in prompts.values() for t in pair])
+        return {name: zero_shot_scores(images, texts[2 * i], texts[2 * i + 1]) for i, name in enumerate(prompts)}
 
     def forward(
         self, images: torch.Tensor, text_batch: dict | torch.Tensor, *, compute_loss: bool = True, pooled: bool = False
@@ -169,13 +245,53 @@ def init_from(model: nn.Module, path: str | Path) -> None:
     load_weights(model, weights, path, "--init_from")
 
 
-def load_model_from_checkpoint(path: str | Path, *, device: torch.device) -> tuple[ChestCTCLIP, dict, int]:
-    """Rebuild the model a checkpoint was trained with and load its weights (strict)."""
+def load_model_from_checkpoint(
+    path: str | Path, *, device: torch.device, text_model: str | None = None
+) -> tuple[ChestCTCLIP, dict, int]:
+    """Rebuild the model a checkpoint was trained with and load its weights (strict). `text_model` replaces the
+    text base model's path recorded in the checkpoint (the folder moved, or another machine)."""
     state = run_checkpoint(ckpt.load_checkpoint(path), path, "--checkpoint")
     cfg = Config.from_dict(state["config"])
-    cfg_for_build = Config.from_dict(
-        {**state["config"], "image_weights": "none", "text_model_path": None, "init_from": None}
-    )
-    model = build_model(cfg_for_build, device=device)
+    model = build_model(_build_config(state["config"], text_model), device=device)
     load_weights(model, state["model"], path, "--checkpoint")
     return model, asdict(cfg), int(state.get("step", 0))
+
+
+def _build_config(saved: dict, text_model: str | None) -> Config:
+    """The config that rebuilds a trained model's architecture; its weights come from the saved state, so nothing
+    else is loaded (no Merlin download, no fine-tuned text weights, no --init_from)."""
+    values = {**saved, "image_weights": "none", "text_model_path": None, "text_peft_path": None, "init_from": None}
+    values.update(resume=None, cache_dir=None, text_cache_dir=None, compile=False)
+    if text_model is not None:
+        values["text_model"] = str(text_model)
+    return Config.from_dict(values)
+
+
+def _load_export(folder: Path, device: torch.device, text_model: str | None) -> ChestCTCLIP:
+    """A folder written by `ct-siglip-export`: its config rebuilds the towers, its safetensors hold every weight."""
+    from safetensors.torch import load_file
+
+    cfg_file, weights = folder / EXPORT_CONFIG, folder / EXPORT_WEIGHTS
+    if not cfg_file.is_file() or not weights.is_file():
+        raise ConfigError(
+            f"{folder}: not a model folder written by ct-siglip-export (needs {EXPORT_CONFIG} and {EXPORT_WEIGHTS}); "
+            "a checkpoint of a run loads by its file name (RUN/best.pt)"
+        )
+    saved = json.loads(cfg_file.read_text())["config"]
+    if text_model is None:  # the base model shipped inside the folder, or its hub id
+        text_model = str(folder / EXPORT_TEXT_DIR) if (folder / EXPORT_TEXT_DIR).is_dir() else saved["text_model"]
+    model = build_model(_build_config(saved, text_model), device=device)
+    load_weights(model, load_file(str(weights), device=str(device)), weights, "from_pretrained")
+    return model
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id))
+    except Exception as e:  # offline, unknown repo, no permission: all one line for the user
+        raise ConfigError(
+            f"{repo_id}: not a local folder or file, and it cannot be fetched from the Hugging Face Hub "
+            f"({type(e).__name__}); pass the path of an exported folder or a checkpoint"
+        ) from None
