@@ -146,7 +146,7 @@ def plan(ctx: Context) -> list[Row]:
     if "baseline" in want:
         dtype = text_dtype(ctx, "full", bf16_weights=True)
         rows += [text_row(ctx, "baseline", "baseline.text_full_bf16", "baseline text tower: full fine-tune, bf16 "
-                          "weights (BASELINES' setting), grad checkpointing", batch=b, mode="full", dtype=dtype)
+                          "weights (the baseline measurement's setting), grad checkpointing", batch=b, mode="full", dtype=dtype)
                  for b in args.text_batches]  # fmt: skip
         rows.append(original_equivalent_row())
     for mode in args.text_modes:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,6 +246,13 @@ class Config:
     )
     # Run
     device: str = arg("auto", "cuda, cpu or auto", RUN)
+    progress: str = arg(
+        "auto",
+        "progress display: bar (tqdm), lines (a plain line per --log_interval or 60 s, for batch-job logs), none; "
+        "auto: bar on a terminal, lines otherwise",
+        RUN,
+        choices=["auto", "bar", "lines", "none"],
+    )
     demo: bool = arg(
         False, "run the whole job on a generated synthetic chest-CT set with tiny models (no download)", RUN
     )
@@ -332,9 +341,22 @@ class Config:
         return cls(**d)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An error is one line, not the 70-line usage; an unknown flag names the nearest valid one."""
+
+    def error(self, message: str):
+        unknown = re.match(r"unrecognized arguments: (\S+)", message)
+        if unknown:
+            flags = [o for a in self._actions for o in a.option_strings]
+            near = difflib.get_close_matches(unknown.group(1).split("=")[0], flags, n=1)
+            if near:
+                message += f" (did you mean {near[0]}?)"
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     """The trainer's argparse parser, grouped like the original guide."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=prog,
         description="Train a chest-CT CLIP model (Merlin I3ResNet-152 + LLM2Vec) with the SigLIP loss.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -351,7 +373,38 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
             elif "nargs" not in kw:
                 kw["type"] = _field_type(f)
         group.add_argument(f"--{f.name}", **kw)
+    groups[RUN].add_argument(
+        "--config",
+        metavar="FILE",
+        help="settings from a YAML or JSON file (the config.json of an earlier run replays it); flags given too win",
+    )
     return parser
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """`--config FILE`: a mapping of setting -> value; an unknown key is one error naming the nearest valid one."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            values = yaml.safe_load(text)
+        else:
+            values = json.loads(text)
+    except (OSError, ValueError) as e:  # a missing file, or JSON that does not parse
+        raise ConfigError(f"--config {path}: cannot read it ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    except Exception as e:  # yaml.YAMLError, which is no ValueError
+        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of setting: value, found {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(Config)}
+    for key in values:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean '{near[0]}'?" if near else ""
+            raise ConfigError(f"--config {path}: unknown setting '{key}'{hint}")
+    return values
 
 
 def _field_type(f: dataclasses.Field) -> Any:
@@ -368,7 +421,12 @@ def parse_config(argv: list[str] | None = None) -> Config:
     parser = build_parser()
     ns = parser.parse_args(argv)
     try:
-        return Config(**vars(ns))
+        if ns.config:  # the file's values become the defaults, so every flag given on the command line wins
+            parser.set_defaults(**read_config_file(ns.config))
+            ns = parser.parse_args(argv)
+        values = vars(ns)
+        values.pop("config")
+        return Config(**values)
     except ConfigError as e:
         parser.error(str(e))
         raise  # unreachable; parser.error exits

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 from .config import Config, build_parser
+from .runlog import bars
 from .synthetic import PARAPHRASE_COLUMN
 
 DEMO_CASES = 4000  # generated in ~12-17 s on 2 cores; 3200 training cases, so 850 steps of 32 see each about 8.5 times
@@ -108,7 +109,7 @@ def demo_config(cfg: Config, argv: list[str] | None = None) -> Config:
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:12]
         text_dir = root / f"tiny_llama_{key}"
         if not (text_dir / "config.json").is_file():  # the folder is published whole, by one rename
-            build_text_model(text_dir, corpus, pairs, train_reports)
+            build_text_model(text_dir, corpus, pairs, train_reports, progress=bars(values["progress"]))
         values["text_model"] = str(text_dir)
     return Config(**values)
 
@@ -144,7 +145,12 @@ def demo_values(cfg: Config, argv: list[str] | None) -> dict:
 
 
 def build_text_model(
-    text_dir: Path, corpus: list[str], pairs: list[tuple[str, str]], train_reports: list[str] | None = None
+    text_dir: Path,
+    corpus: list[str],
+    pairs: list[tuple[str, str]],
+    train_reports: list[str] | None = None,
+    *,
+    progress: bool | None = None,
 ) -> Path:
     """The demo's text tower the LLM2Vec way: a random tiny Llama (tokenizer trained on `corpus`), MNTP on the
     training reports, then contrastive training on `pairs` (two reports of one training case)."""
@@ -162,10 +168,10 @@ def build_text_model(
         random_dir = build_tiny_llama(Path(tmp) / "model", corpus, seed=0, **TEXT_MODEL)
         print(f"Demo: MNTP pretraining of the tiny text model ({MNTP['steps']} steps)")
         reports = [a for a, _ in pairs] or train_reports  # a CSV without pairs: MNTP on its training reports
-        pretrain_mntp(random_dir, reports, Path(tmp) / "mntp", max_length=length, **MNTP)
+        pretrain_mntp(random_dir, reports, Path(tmp) / "mntp", max_length=length, progress=progress, **MNTP)
         if pairs:
             print(f"Demo: contrastive pretraining on report pairs ({PAIRS['steps']} steps)")
-            pretrain_pairs(Path(tmp) / "mntp", pairs, text_dir, max_length=length, **PAIRS)
+            pretrain_pairs(Path(tmp) / "mntp", pairs, text_dir, max_length=length, progress=progress, **PAIRS)
         else:
             os.replace(Path(tmp) / "mntp", text_dir)
     return text_dir

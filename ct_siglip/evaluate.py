@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
+from .checkpoint import CheckpointError
+from .config import Config, OneLineParser
 from .data import move_batch
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .loaders import build_eval_loader
 from .metrics import retrieval_recall, zero_shot_auroc
 from .model import load_model_from_checkpoint
-from .runlog import MetricsLogger, format_table
+from .runlog import MetricsLogger, format_table, tqdm_disable
 from .runtime import PRECISION_DTYPES, autocast_factory, resolve_device, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 @torch.no_grad()
 def compute_embeddings(
-    model, loader, device: torch.device, precision: str, *, progress: bool = True
+    model, loader, device: torch.device, precision: str, *, progress: bool | None = True
 ) -> dict[str, torch.Tensor]:
     """Image and text embeddings of a whole split (float32, on the CPU), in data-set order, plus the
     mean SigLIP loss over the loader's batches (the same batch size as training, so comparable)."""
@@ -38,7 +39,7 @@ def compute_embeddings(
     was_training = model.training
     model.eval()
     images, texts, indices, losses, sizes = [], [], [], [], []
-    for batch in tqdm(loader, desc="eval", leave=False, disable=not progress):
+    for batch in tqdm(loader, desc="eval", leave=False, disable=tqdm_disable(progress)):
         if "errors" in batch:
             raise_batch_errors(batch)
         x, text = move_batch(batch, device, PRECISION_DTYPES[precision])
@@ -120,7 +121,7 @@ def text_encoder_fn(model, device: torch.device, autocast, batch_size: int = 64)
 
 def main(argv: list[str] | None = None) -> int:
     """Evaluate a checkpoint of this package on one split of a CSV."""
-    p = argparse.ArgumentParser(description="Evaluate a chest-CT SigLIP checkpoint on one split.")
+    p = OneLineParser(description="Evaluate a chest-CT SigLIP checkpoint on one split.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint of this package (step_*.pt or best.pt)")
     p.add_argument("--csv_file", required=True)
     p.add_argument("--split", default="test")
@@ -134,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--save_embeddings", action="store_true", help="write image/text embeddings of the split")
     args = p.parse_args(argv)
+    try:
+        return _evaluate(args)
+    except (DataError, ConfigError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, cfg_dict, step = load_model_from_checkpoint(args.checkpoint, device=device, text_model=args.text_model)
     cfg_dict.update(

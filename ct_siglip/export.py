@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -25,6 +24,7 @@ import torch
 
 from . import __version__
 from . import checkpoint as ckpt
+from .config import OneLineParser
 from .convert import STORED_AXES, PreprocessSettings
 from .errors import ConfigError
 from .model import EXPORT_CONFIG, EXPORT_FORMAT, EXPORT_TEXT_DIR, EXPORT_WEIGHTS, load_model_from_checkpoint
@@ -189,7 +189,7 @@ def push_to_hub(folder: Path, repo_id: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ct-siglip-export", description=__doc__.split("\n\n")[0])
+    p = OneLineParser(prog="ct-siglip-export", description=__doc__.split("\n\n")[0])
     p.add_argument("source", help="a run folder (its best.pt, else its newest checkpoint) or a checkpoint file")
     p.add_argument("out_dir", help="the folder to write (must not exist, or be empty)")
     p.add_argument("--include_base", action="store_true", help="ship a hub text base model's weights too")

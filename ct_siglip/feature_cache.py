@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from .data import CTReportDataset, draw_sample, ignore_stop_signals, move_batch
 from .distributed import all_gather_objects
 from .errors import DataError
+from .runlog import bars, tqdm_disable
 from .runtime import PRECISION_DTYPES, autocast_factory
 
 log = logging.getLogger("ct_siglip")
@@ -190,7 +191,7 @@ def compute_features(
     batch_size: int,
     num_workers: int,
     timeout: float = 0.0,
-    progress: bool = True,
+    progress: bool | None = True,
 ) -> dict[int, DataError]:
     """Pooled image and text features of rows `indices` into `store` (volumes decoded by `num_workers` loader
     workers); returns the rows that could not be loaded, with their errors."""
@@ -207,7 +208,7 @@ def compute_features(
         worker_init_fn=ignore_stop_signals if num_workers else None,
     )
     failures: dict[int, DataError] = {}
-    for batch in tqdm(loader, desc="caching features", disable=not progress, dynamic_ncols=True):
+    for batch in tqdm(loader, desc="caching features", disable=tqdm_disable(progress), dynamic_ncols=True):
         failures.update(batch["failures"])
         if not batch["index"]:
             continue
@@ -232,6 +233,7 @@ def build_feature_table(
     timeout: float = 0.0,
     rank: int = 0,
     world_size: int = 1,
+    progress: bool | None = True,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[int, DataError]]:
     """`(image features (N, F), text features (N, H), bad rows)` of a whole training set, computing only what
     the store lacks. Ranks split that work and read each other's shards; what a rank cannot see (a run folder
@@ -243,7 +245,8 @@ def build_feature_table(
              folder, len(keys) - len(todo), len(keys), len(todo))  # fmt: skip
     common = {"device": device, "precision": precision, "batch_size": batch_size, "num_workers": num_workers,
               "timeout": timeout}  # fmt: skip
-    failures = compute_features(model, dataset, todo[rank::world_size], keys, store, progress=rank == 0, **common)
+    show = progress if rank == 0 else False
+    failures = compute_features(model, dataset, todo[rank::world_size], keys, store, progress=show, **common)
     for part in all_gather_objects(failures):  # collective: every rank has written its shards
         failures.update(part)
     store.reload()
@@ -322,6 +325,7 @@ def cached_feature_loader(
     image, text, failures = build_feature_table(
         model, dataset, folder, device=device, precision=precision, batch_size=cfg.eval_batch_size or cfg.batch_size,
         num_workers=cfg.num_workers, timeout=cfg.loader_timeout, rank=rank, world_size=world_size,
+        progress=bars(cfg.progress),
     )  # fmt: skip
     if failures and cfg.on_bad_sample == "error":
         raise failures[min(failures)]

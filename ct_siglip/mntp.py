@@ -29,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .runlog import tqdm_disable
 
 log = logging.getLogger("ct_siglip")
 
@@ -48,7 +49,7 @@ def pretrain_mntp(
     max_length: int = 128,
     instruction: str | None = None,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = True,
 ) -> dict[str, float]:
     """MNTP-train the Llama in `folder` on `texts`; write the adapted model (config, tokenizer, weights) to `out_dir`.
 
@@ -90,7 +91,7 @@ def pretrain_mntp(
     losses: list[float] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the collator masks with the global generator
-        for _ in tqdm(range(steps), desc="MNTP", disable=not progress, dynamic_ncols=True):
+        for _ in tqdm(range(steps), desc="MNTP", disable=tqdm_disable(progress), dynamic_ncols=True):
             batch = [texts[i] for i in rng.integers(0, len(texts), batch_size)]
             enc = hf_tok([formatter.format(t) for t in batch], truncation=True, max_length=max_length)
             # left-padded like the text tower's batches; special tokens and padding are never masked or predicted

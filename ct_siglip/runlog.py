@@ -15,6 +15,34 @@ from .errors import RunLogError
 FILE_ONLY = {"file_only": True}  # `extra=` for a record the console already shows (on stderr)
 
 
+def bars(mode: str) -> bool | None:
+    """`--progress` -> tqdm bars shown (True), hidden (False) or, for `auto`, shown on a terminal only (None)."""
+    return {"bar": True, "lines": False, "none": False}.get(mode)
+
+
+def plain_lines(mode: str) -> bool:
+    """Whether `--progress` asks for plain progress lines: `lines`, or `auto` when stderr is not a terminal (a
+    batch job's log file, where carriage-return bars would pile up)."""
+    return mode == "lines" or (mode == "auto" and not sys.stderr.isatty())
+
+
+def tqdm_disable(show: bool | None) -> bool | None:
+    """tqdm's `disable` for a tri-state `show` (None: tqdm's own rule, hidden when the stream is no terminal)."""
+    return None if show is None else not show
+
+
+class _Console(logging.StreamHandler):
+    """The console: through `tqdm.write`, so a message never lands in the middle of a progress bar."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm.auto import tqdm
+
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 class _FileHandler(logging.FileHandler):
     """`train.log`: a write that fails (disk full) is said once on the console, not as a traceback per message."""
 
@@ -27,8 +55,9 @@ class _FileHandler(logging.FileHandler):
 
 
 def setup_logging(run_dir: Path | None, is_main: bool) -> None:
-    """Messages to the console (rank 0 at INFO, other ranks warnings only) and to `run_dir/train.log`."""
-    console = logging.StreamHandler(sys.stdout)
+    """Messages to the console (rank 0 at INFO, other ranks warnings only) and to `run_dir/train.log`, which so
+    holds what the console shows: the step lines, the validation tables, the warnings."""
+    console = _Console(sys.stdout)
     console.addFilter(lambda record: not getattr(record, "file_only", False))
     handlers: list[logging.Handler] = [console]
     if run_dir is not None and is_main:

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
+from .runlog import tqdm_disable
 
 log = logging.getLogger("ct_siglip")
 
@@ -41,7 +42,7 @@ def pretrain_pairs(
     max_length: int = 128,
     instruction: str | None = None,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = True,
 ) -> dict[str, float]:
     """Train the model in `folder` so that each text of `pairs` embeds nearest to its partner; write it to `out_dir`.
 
@@ -71,7 +72,7 @@ def pretrain_pairs(
     rng = np.random.default_rng(seed)
     size = min(batch_size, len(pairs))
     losses: list[float] = []
-    for _ in tqdm(range(steps), desc="pairs", disable=not progress, dynamic_ncols=True):
+    for _ in tqdm(range(steps), desc="pairs", disable=tqdm_disable(progress), dynamic_ncols=True):
         rows = rng.choice(len(pairs), size=size, replace=False)  # no pair twice: its copy would be a false negative
         first = encoder.embed(encoder.tokenize([pairs[i][0] for i in rows]))
         second = encoder.embed(encoder.tokenize([pairs[i][1] for i in rows]))

@@ -34,6 +34,8 @@ log = logging.getLogger("ct_siglip")
 def run(cfg: Config) -> dict[str, float]:
     """Build everything from a resolved config and train; returns the final validation metrics."""
     device = resolve_device(cfg.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: this machine has no CUDA GPU that torch can use; pass --device cpu")
     rank, world_size, local_rank = init_distributed(device.type, cfg.dist_timeout)
     try:
         return _run(cfg, device, rank, world_size, local_rank)
@@ -49,6 +51,12 @@ def _run(cfg: Config, device: torch.device, rank: int, world_size: int, local_ra
     probe_writable(run_dir)
     setup_logging(run_dir, rank == 0)
     seed_everything(cfg.seed + rank, cfg.deterministic)
+    if cfg.warmup_steps >= cfg.max_steps:
+        log.warning(
+            "--warmup_steps %d >= --max_steps %d: the learning rate never finishes its warm-up (lower --warmup_steps)",
+            cfg.warmup_steps,
+            cfg.max_steps,
+        )
     train_table, val_table = load_data(cfg, run_dir, rank, world_size)
     if rank == 0:
         cfg.save(run_dir / "config.json")

@@ -48,7 +48,7 @@ from .feature_cache import cached_feature_loader
 from .loaders import build_eval_loader, build_loader, loader_failure
 from .model import ChestCTCLIP, load_weights, run_checkpoint
 from .resume import RESUME_MUST_MATCH, check_config_drift, csv_step, jsonl_step, schedule_changes, truncate_log
-from .runlog import FILE_ONLY, MetricsLogger, format_table
+from .runlog import FILE_ONLY, MetricsLogger, bars, format_table, plain_lines, tqdm_disable
 from .runtime import rng_state, set_rng_state
 from .step import TrainStep
 from .tables import Table, table_fingerprint
@@ -127,6 +127,9 @@ class SigLIPTrainer:
         self._fetching = self._worker_exited = False  # see `_defer_worker_errors`
         self._sigchld_previous = None
         self._log_error: RunLogError | None = None  # see `_log`
+        self.show_bars, self.plain_lines = bars(cfg.progress), self.is_main and plain_lines(cfg.progress)
+        self._last_line = self._start_time = time.monotonic()
+        self._start_step = 0
 
     # -- state -----------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -382,7 +385,7 @@ class SigLIPTrainer:
                     emb, labels=labels, encode_text=text_encoder_fn(self.model, self.device, self.autocast)
                 )
                 self._log(metrics)
-                tqdm.write(format_table(metrics, title=f"Validation at step {self.step}"))
+                log.info(format_table(metrics, title=f"Validation at step {self.step}"))
             metrics = broadcast_object(metrics)
         value = metrics.get(self.cfg.best_metric)
         if (
@@ -398,7 +401,8 @@ class SigLIPTrainer:
         """Validation embeddings in data-set order, gathered from every rank; the loss over them is the
         mean over batches of the evaluation batch size, as one process would compute it."""
         if len(self.val_loader.sampler):
-            emb = compute_embeddings(self.model, self.val_loader, self.device, self.precision, progress=self.is_main)
+            show = self.show_bars if self.is_main else False
+            emb = compute_embeddings(self.model, self.val_loader, self.device, self.precision, progress=show)
         else:  # more ranks than validation samples
             empty = torch.zeros(0, self.cfg.embed_dim)
             emb = {"image": empty, "text": empty.clone(), "index": torch.zeros(0, dtype=torch.long), "loss": math.nan}
@@ -433,7 +437,9 @@ class SigLIPTrainer:
                 precision=self.precision, rank=self.rank, world_size=self.world_size,
             ))  # fmt: skip
         data = self.batches()
-        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=not self.is_main, dynamic_ncols=True)
+        show = self.show_bars if self.is_main else False
+        bar = tqdm(total=cfg.max_steps, initial=self.step, desc="train", disable=tqdm_disable(show), dynamic_ncols=True)
+        self._start_step, self._start_time = self.step, time.monotonic()
         self.watchdog = Watchdog(cfg.watchdog_timeout, describe=lambda: f"rank {self.rank}, at step {self.step + 1}")
         try:
             with self._signal_handlers(), self.watchdog:
@@ -472,6 +478,7 @@ class SigLIPTrainer:
             samples += self.global_batch
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}")
+            self._heartbeat(out)
             if not out["finite"]:
                 self._on_nonfinite(out)
             if cfg.log_sample_ids:
@@ -532,7 +539,23 @@ class SigLIPTrainer:
             metrics["train/pair_loss"] = out["pair_loss"]
         self._log(metrics)
         if self.is_main:
-            tqdm.write(f"Step {self.step}: Loss = {out['loss']:.4f}, LR = {lr:.2e}")
+            log.info("Step %d: Loss = %.4f, LR = %.2e%s", self.step, out["loss"], lr, self._progress(throughput))
+
+    def _progress(self, throughput: float | None = None) -> str:
+        """`--progress lines`: where the run is, for a log file that has no progress bar."""
+        if not self.plain_lines:
+            return ""
+        self._last_line = time.monotonic()
+        done = self.step - self._start_step
+        rate = done / max(time.monotonic() - self._start_time, 1e-9)
+        eta = (self.cfg.max_steps - self.step) / rate if rate > 0 else float("inf")
+        speed = f", {throughput:.1f} samples/s" if throughput is not None else ""
+        return f" ({self.step}/{self.cfg.max_steps}{speed}, ETA {_duration(eta)})"
+
+    def _heartbeat(self, out: dict) -> None:
+        """With plain lines, a line at least every 60 s, so a slow run's log shows it is alive."""
+        if self.plain_lines and time.monotonic() - self._last_line > 60:
+            log.info("Step %d: Loss = %.4f%s", self.step, out["loss"], self._progress())
 
     @contextlib.contextmanager
     def _signal_handlers(self) -> Iterator[None]:
@@ -556,3 +579,12 @@ class SigLIPTrainer:
                 signal.signal(sig, old)
             if self._sigchld_previous is not None:
                 signal.signal(signal.SIGCHLD, self._sigchld_previous)
+
+
+def _duration(seconds: float) -> str:
+    if seconds == float("inf"):
+        return "?"
+    seconds = int(seconds)
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )

@@ -173,3 +173,26 @@ def test_every_name_the_docs_import_or_name_resolves():
         except (ImportError, AttributeError) as e:
             missing.append(f"{name}: {e}")
     assert not missing, missing
+
+
+TOP = ("ct_siglip/", "tests/", "benchmarks/", "docs/")
+
+
+def test_user_docs_name_only_files_that_exist_and_nothing_of_how_the_team_works():
+    """The docs speak to users: every repository path they name is there, and they never point at files outside
+    the project or at the team's own process."""
+    import re
+
+    missing, internal = [], []
+    for doc in DOCS:
+        text = (ROOT / doc).read_text()
+        for path in re.findall(r"`([A-Za-z0-9_./-]+)`", text):
+            in_repo = path.startswith(TOP) or path.endswith((".py", ".md", ".toml", ".txt", ".yaml", ".sh"))
+            path = path.rstrip("/")  # a folder of the repository (a folder a run writes is not one)
+            here = (ROOT / path).exists() or (ROOT / doc).parent.joinpath(path).exists()
+            if in_repo and not path.endswith((".jsonl", ".csv", ".png")) and not here:
+                missing.append(f"{doc}: {path}")
+        for phrase in re.findall(r"\.\./shared|BASELINES\.md|\.ci/run|\bissue \d+|device call", text):
+            internal.append(f"{doc}: {phrase}")
+    assert not missing, missing
+    assert not internal, internal
