@@ -41,6 +41,7 @@ def arg(default: Any, help: str, group: str, **kw: Any) -> Any:
 
 CSV, LEGACY, LOAD, MODEL, TEXT, IMAGE, TRAIN, EVAL, SAVE, RUN = (g for g, _ in GROUPS)
 DEFAULT_TEXT_MODEL = "microsoft/LLM2CLIP-Llama-3.2-1B-Instruct-CC-Finetuned"
+REPORTERS = ("tensorboard", "jsonl", "wandb")
 
 
 @dataclass
@@ -235,6 +236,13 @@ class Config:
     log_interval: int = arg(100, "log train metrics every N steps", SAVE)
     save_interval: int = arg(5000, "save a checkpoint every N steps", SAVE)
     keep_last_n: int = arg(3, "keep the newest N periodic checkpoints (0 = keep all)", SAVE)
+    report_to: str = arg(
+        "tensorboard,jsonl", "where metrics go: any of tensorboard, jsonl, wandb (comma-separated), or none", SAVE
+    )
+    use_wandb: bool = arg(False, "the original trainer's switch: adds wandb to --report_to", SAVE)
+    wandb_project: str = arg("ct-siglip", "Weights & Biases project", SAVE)
+    wandb_entity: str | None = arg(None, "Weights & Biases entity (team or user; default: yours)", SAVE)
+    run_name: str | None = arg(None, "the run's name in Weights & Biases (default: the --save_dir folder's name)", SAVE)
     resume: str | None = arg(
         None, "continue a run: a checkpoint path, or 'auto' for the newest complete one in --save_dir", SAVE
     )
@@ -314,11 +322,21 @@ class Config:
                 )
             if self.text_train == "frozen":
                 raise ConfigError("--text_pair_weight trains the text tower: use --text_train full or lora")
+        unknown = {r.strip() for r in self.report_to.split(",") if r.strip()} - {*REPORTERS, "none"}
+        if unknown:
+            raise ConfigError(
+                f"--report_to: unknown {', '.join(sorted(unknown))} (choose from {', '.join(REPORTERS)}, none)"
+            )
         if self.cache_features and self.augment != "none":
             raise ConfigError(
                 f"--cache_features cannot be used with --augment {self.augment}: augmented volumes change every "
                 "epoch, so their features cannot be cached; use --augment none"
             )
+
+    def reporters(self) -> set[str]:
+        """The metric sinks of `--report_to` (and `--use_wandb`)."""
+        named = {r.strip() for r in self.report_to.split(",") if r.strip()} - {"none"}
+        return named | ({"wandb"} if self.use_wandb else set())
 
     @property
     def best_is_max(self) -> bool:

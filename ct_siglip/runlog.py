@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -71,13 +73,35 @@ class MetricsLogger:
     """Appends one JSON object per event (`{"step": N, "time": ..., name: value...}`) and mirrors
     scalars to TensorBoard. Appending keeps the history of a resumed run in one file."""
 
-    def __init__(self, run_dir: str | Path, *, enabled: bool = True, tensorboard: bool = True):
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        enabled: bool = True,
+        tensorboard: bool = True,
+        jsonl: bool = True,
+        wandb: dict[str, Any] | None = None,
+        hparams: dict[str, Any] | None = None,
+    ):
         self.enabled = enabled
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
-        self.use_tb = enabled and tensorboard
+        self.use_tb, self.use_jsonl = enabled and tensorboard, jsonl
         self.tb = None
         self.purge_step: int | None = None
+        self.wandb_settings, self.wandb_run = (wandb if enabled else None), None
+        self.hparams = hparams
+
+    @classmethod
+    def for_run(cls, cfg, *, enabled: bool) -> MetricsLogger:
+        """The sinks a training run's `--report_to` names, with its settings as hyperparameters."""
+        targets = cfg.reporters()
+        wandb = None
+        if "wandb" in targets:
+            name = cfg.run_name or Path(cfg.save_dir).resolve().name
+            wandb = {"project": cfg.wandb_project, "entity": cfg.wandb_entity, "name": name}
+        return cls(cfg.save_dir, enabled=enabled, tensorboard="tensorboard" in targets, jsonl="jsonl" in targets,
+                   wandb=wandb, hparams=dataclasses.asdict(cfg))  # fmt: skip
 
     def purge_after(self, step: int) -> None:
         """On resume: TensorBoard hides the events a killed run logged after its checkpoint's `step`
@@ -92,14 +116,35 @@ class MetricsLogger:
                 self.tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=self.purge_step)
             except ImportError:  # tensorboard is optional at run time
                 self.use_tb = False
+            else:
+                if self.hparams:
+                    _write_hparams(self.tb, self.hparams)
         return self.tb
+
+    def _wandb(self):
+        """The Weights & Biases run, started on the first record; its id is kept in the run folder, so a resumed
+        run continues the same wandb run."""
+        if self.wandb_run is None and self.wandb_settings is not None:
+            import wandb
+
+            id_file = self.run_dir / "wandb_run_id"
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n")
+            s = self.wandb_settings
+            self.wandb_run = wandb.init(project=s["project"], entity=s["entity"], name=s["name"], id=run_id,
+                                        resume="allow", dir=str(self.run_dir), config=self.hparams)  # fmt: skip
+        return self.wandb_run
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step), "time": round(time.time(), 3)}
         record.update({k: _plain(v) for k, v in metrics.items()})
-        self._append(json.dumps(record) + "\n", step)
+        if self.use_jsonl:
+            self._append(json.dumps(record) + "\n", step)
+        scalars = {k: v for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))}
+        if (run := self._wandb()) is not None:
+            run.log(scalars, step=int(step))
         tb = self._writer()
         if tb is not None:
             for k, v in metrics.items():
@@ -128,6 +173,19 @@ class MetricsLogger:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _write_hparams(writer, hparams: dict[str, Any]) -> None:
+    """The run's settings in TensorBoard's HPARAMS tab, in the run's own event file (`add_hparams` would start
+    another one)."""
+    from torch.utils.tensorboard.summary import hparams as summary
+
+    values = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+    for part in summary(values, {}):
+        writer._get_file_writer().add_summary(part)
 
 
 def _plain(v: Any) -> Any:

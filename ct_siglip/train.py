@@ -51,6 +51,11 @@ def _run(cfg: Config, device: torch.device, rank: int, world_size: int, local_ra
     probe_writable(run_dir)
     setup_logging(run_dir, rank == 0)
     seed_everything(cfg.seed + rank, cfg.deterministic)
+    if "wandb" in cfg.reporters():
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ConfigError("--report_to wandb: the wandb package is not installed; pip install wandb") from None
     if cfg.warmup_steps >= cfg.max_steps:
         log.warning(
             "--warmup_steps %d >= --max_steps %d: the learning rate never finishes its warm-up (lower --warmup_steps)",

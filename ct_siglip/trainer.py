@@ -116,7 +116,7 @@ class SigLIPTrainer:
             self.stepper.scaler,
         )
         self.precision, self.autocast = self.stepper.precision, self.stepper.autocast
-        self.metrics = MetricsLogger(self.run_dir, enabled=self.is_main)
+        self.metrics = MetricsLogger.for_run(cfg, enabled=self.is_main)
         self.watchdog = Watchdog(0)  # replaced by an active one while train() runs
         self.step = 0
         self.best: float | None = None
