@@ -1,6 +1,6 @@
 """PNG pictures of a run: training curves from `metrics.jsonl`, ROC curves from an evaluation.
 
-python -m ct_siglip.plots RUN_DIR            # -> RUN_DIR/curves.png (+ roc_<split>.png if evaluated)
+python -m ct_siglip.plots RUN_DIR            # -> RUN_DIR/curves.png (+ zeroshot_<split>.png if evaluated)
 """
 
 from __future__ import annotations
@@ -48,10 +48,11 @@ def plot_curves(run_dir: str | Path, out: str | Path | None = None) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(11, 3.4 * rows), squeeze=False)
     for ax, (title, names) in zip(axes.flat, panels):
         short = [n.split("/", 1)[1] for n in names]
-        for n, s in zip(names, short):
+        colours = distinct_colours(len(names))
+        for n, s, colour in zip(names, short, colours):
             x, y = _series(records, n)
             label = n if short.count(s) > 1 else s  # train/loss and val/loss keep their prefix
-            ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label, lw=1.5)
+            ax.plot(x, y, marker="o" if len(x) < 20 else None, ms=3, label=label, lw=1.5, color=colour)
         ax.set_title(title)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -78,12 +79,12 @@ def plot_roc(scores_file: str | Path, out: str | Path | None = None) -> Path:
     data = np.load(scores_file)
     names = [k.removeprefix("score_") for k in data.files if k.startswith("score_")]
     fig, ax = plt.subplots(figsize=(6, 6))
-    for name in names:
+    for name, colour in zip(names, distinct_colours(len(names))):
         s, y = data[f"score_{name}"], data[f"label_{name}"]
         keep = y >= 0
         fpr, tpr = roc_points(s[keep], y[keep])
         if len(fpr):
-            ax.plot(fpr, tpr, lw=1.5, label=f"{name} ({roc_auc(s, y):.3f})")
+            ax.plot(fpr, tpr, lw=1.5, color=colour, label=f"{name} ({roc_auc(s, y):.3f})")
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("false positive rate")
     ax.set_ylabel("true positive rate")
@@ -94,6 +95,27 @@ def plot_roc(scores_file: str | Path, out: str | Path | None = None) -> Path:
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
+
+
+def distinct_colours(n: int) -> list:
+    """`n` colours that differ: matplotlib's 10-colour cycle repeats from the 11th line (a run with ten labels and
+    their mean has 11), tab20 keeps 20 apart."""
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def write_run_plots(run_dir: str | Path) -> list[Path]:
+    """The pictures of a finished run: curves.png, and zeroshot_<split>.png (ROC per label) for each split whose
+    scores an evaluation left in the folder (training leaves its last validation's, zeroshot_val.npz)."""
+    run_dir = Path(run_dir)
+    written = []
+    if (run_dir / "metrics.jsonl").is_file():
+        written.append(plot_curves(run_dir))
+    for scores in sorted(run_dir.glob("zeroshot_*.npz")):
+        written.append(plot_roc(scores))
+    return written
 
 
 def roc_points(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -116,9 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     if not (run_dir / "metrics.jsonl").is_file():
         print(f"error: {run_dir / 'metrics.jsonl'} not found; pass a run folder (--save_dir)", file=sys.stderr)
         return 2
-    print(f"wrote {plot_curves(run_dir)}")
-    for scores in sorted(run_dir.glob("zeroshot_*.npz")):
-        print(f"wrote {plot_roc(scores)}")
+    for path in write_run_plots(run_dir):
+        print(f"wrote {path}")
     return 0
 
 

@@ -22,6 +22,7 @@ from .distributed import init_distributed, shutdown_distributed
 from .errors import ConfigError, DataError, LoaderFailure, PeerFailure, RunLogError
 from .loaders import load_table
 from .model import ChestCTCLIP, build_model, count_parameters, init_from
+from .plots import write_run_plots
 from .preflight import preflight_tables
 from .runlog import FILE_ONLY, setup_logging
 from .runtime import resolve_device, seed_everything
@@ -71,7 +72,16 @@ def _run(cfg: Config, device: torch.device, rank: int, world_size: int, local_ra
         cfg, model, train_table, val_table, device=device, rank=rank, world_size=world_size, ddp_model=ddp_model
     )
     log.info("Starting training...")
-    return trainer.train()
+    metrics = trainer.train()
+    if rank == 0 and metrics is not None:
+        try:  # pictures are a convenience: a missing font or a full disk must not fail a finished run
+            for path in write_run_plots(run_dir):
+                log.info("Plot: %s", path)
+        except Exception as e:
+            log.warning(
+                "could not draw the run's plots (%s); python -m ct_siglip.plots %s draws them later", e, run_dir
+            )
+    return metrics
 
 
 def load_data(cfg: Config, run_dir: Path, rank: int, world_size: int) -> tuple[Table, Table | None]:

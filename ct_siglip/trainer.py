@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -381,9 +382,11 @@ class SigLIPTrainer:
             metrics: dict[str, float] = {}
             if self.is_main:
                 labels = {c: self.val_table.frame[c].to_numpy() for c in self.val_table.label_columns}
-                metrics = evaluate_embeddings(
-                    emb, labels=labels, encode_text=text_encoder_fn(self.model, self.device, self.autocast)
-                )
+                scores: dict = {}  # per label, for the ROC picture of the last validation (ct_siglip.plots)
+                encode = text_encoder_fn(self.model, self.device, self.autocast)
+                metrics = evaluate_embeddings(emb, labels=labels, encode_text=encode, scores_out=scores)
+                if scores:
+                    np.savez(self.run_dir / "zeroshot_val.npz", **scores)
                 self._log(metrics)
                 log.info(format_table(metrics, title=f"Validation at step {self.step}"))
             metrics = broadcast_object(metrics)

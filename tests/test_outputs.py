@@ -92,3 +92,17 @@ def test_evaluate_command_scores_a_checkpoint_and_exports_embeddings(small_csv, 
     emb = torch.load(out / "embeddings_val.pt", weights_only=True)
     assert emb["image"].shape == emb["text"].shape == (4, 16) and emb["row"] == [13, 14, 15, 16]
     assert plots_main([str(out)]) == 0 and (out / "zeroshot_val.png").is_file()
+
+
+def test_every_run_ends_with_its_pictures_and_eleven_curves_get_eleven_colours(small_csv, tiny_llama_dir, tmp_path):
+    from conftest import tiny_args
+
+    import siglip_trainer
+    from ct_siglip.plots import distinct_colours
+
+    run = tmp_path / "run"
+    args = ("--max_steps", "2", "--eval_interval", "1", "--label_columns", "auto")
+    assert siglip_trainer.main(tiny_args(small_csv, run, tiny_llama_dir, *args)) == 0
+    assert (run / "curves.png").stat().st_size > 10_000 and (run / "zeroshot_val.png").stat().st_size > 10_000
+    assert "Plot: " in (run / "train.log").read_text()
+    assert len(set(distinct_colours(11))) == 11 and len(set(distinct_colours(4))) == 4
