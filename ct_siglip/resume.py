@@ -6,6 +6,7 @@ The checkpoint file itself (atomic writes, hashes, finding the newest) is `ct_si
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -103,6 +104,20 @@ def check_config_drift(state: dict, current: dict, *, allow: bool = False) -> No
             f"cannot resume: this run differs from the checkpoint's: {'; '.join(described)}. Use a new "
             "--save_dir, restore the settings, or pass --allow_config_change"
         )
+
+
+# Settings that only decide how a new model starts: a resumed run's weights already hold what they set, so a new
+# value cannot apply; the saved one is kept (and config.json says so).
+INIT_ONLY = ("temperature", "bias_init", "image_weights", "text_model_path", "text_peft_path", "init_from")
+
+
+def resumed_config(saved_cfg: dict, cfg):
+    """(the config a resumed run uses, the optimizer and schedule changes it applies, the start-only settings it
+    cannot apply and keeps at the checkpoint's values), for one log line each."""
+    applied = schedule_changes(saved_cfg, dataclasses.asdict(cfg))
+    kept = {k: saved_cfg[k] for k in INIT_ONLY if k in saved_cfg and saved_cfg[k] != getattr(cfg, k)}
+    ignored = [f"--{k} {getattr(cfg, k)!r} (kept {v!r})" for k, v in kept.items()]
+    return dataclasses.replace(cfg, **kept), applied, ignored
 
 
 def schedule_changes(saved_cfg: dict, cfg: dict) -> list[str]:

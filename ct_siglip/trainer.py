@@ -48,7 +48,7 @@ from .evaluate import compute_embeddings, evaluate_embeddings, raise_batch_error
 from .feature_cache import cached_feature_loader
 from .loaders import build_eval_loader, build_loader, loader_failure
 from .model import ChestCTCLIP, load_weights, run_checkpoint
-from .resume import RESUME_MUST_MATCH, check_config_drift, csv_step, jsonl_step, schedule_changes, truncate_log
+from .resume import RESUME_MUST_MATCH, check_config_drift, csv_step, jsonl_step, resumed_config, truncate_log
 from .runlog import FILE_ONLY, MetricsLogger, bars, format_table, plain_lines, tqdm_disable
 from .runtime import rng_state, set_rng_state
 from .step import TrainStep
@@ -217,11 +217,15 @@ class SigLIPTrainer:
         state = run_checkpoint(state, path, "--resume")
         check_config_drift(state, self.identity(), allow=self.cfg.allow_config_change)
         self.load_state_dict(state, path)
-        if changes := schedule_changes(state["config"], asdict(self.cfg)):
+        self.cfg, applied, ignored = resumed_config(state["config"], self.cfg)
+        if applied:
             self.stepper.apply_schedule(self.cfg)
             log.warning(
-                "resuming with new training settings, applied from step %d: %s", self.step + 1, "; ".join(changes)
+                "resuming with new training settings, applied from step %d: %s", self.step + 1, "; ".join(applied)
             )
+        if ignored and self.is_main:  # the checkpoint's weights hold what these set; config.json says what was kept
+            log.warning("not applied on resume (the checkpoint's weights hold them): %s", "; ".join(ignored))
+            self.cfg.save(self.run_dir / "config.json")
         self._truncate_logs()
         log.info("Resumed from %s at step %d", path, self.step)
 

@@ -238,3 +238,15 @@ def test_demo_with_the_users_csv_reads_it_like_the_trainer(tmp_path, capsys):
     values["csv_file"] = str(tmp_path / "d.csv")
     corpus, pairs, train_reports = demo.text_pretraining_data(values)
     assert pairs == [] and train_reports == ["Left effusion."] and corpus[:2] == ["Left effusion.", "No effusion."]
+
+
+def test_a_start_only_setting_changed_on_resume_is_kept_and_said_and_config_json_stays_true(tmp_path, tiny_llama_dir):
+    """--temperature only sets t at the start: a resumed run's t comes from the checkpoint. Before, the new value
+    was silently ignored while config.json recorded it."""
+    csv = make_csv(tmp_path, 8)
+    run = tmp_path / "run"
+    assert run_main(csv, run, tiny_llama_dir, "--max_steps", "2") == 0
+    assert run_main(csv, run, tiny_llama_dir, "--max_steps", "4", "--temperature", "0.5", "--resume", "auto") == 0
+    log = (run / "train.log").read_text()
+    assert "not applied on resume (the checkpoint's weights hold them): --temperature 0.5 (kept 0.1)" in log
+    assert json.loads((run / "config.json").read_text())["temperature"] == 0.1
