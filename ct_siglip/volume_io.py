@@ -103,14 +103,8 @@ def _read_npz(path: Path, key: str) -> np.ndarray:
                 f"key '{key}' missing (keys: {', '.join(npz.files) or 'none'})",
                 hint="pass --npz_key with the right name",
             )
-        member = npz.zip.open(f"{key}.npy") if f"{key}.npy" in npz.zip.namelist() else None
-        if member is None:
-            raise DataError(f"member '{key}' is not an .npy array", hint="re-create the file with np.savez")
-        with member:
-            if member.read(6) != b"\x93NUMPY":
-                raise DataError(f"member '{key}' is not an .npy array", hint="re-create the file with np.savez")
         try:
-            return npz[key]
+            arr = npz[key]
         except ValueError as e:
             if "pickle" in str(e):  # numpy's message suggests allow_pickle=True: never advise unsafe loading
                 raise DataError(
@@ -118,6 +112,9 @@ def _read_npz(path: Path, key: str) -> np.ndarray:
                     hint="re-create the file with np.savez",
                 ) from None
             raise
+    if not isinstance(arr, np.ndarray):  # numpy returns a member without the .npy header as raw bytes
+        raise DataError(f"member '{key}' is not an .npy array", hint="re-create the file with np.savez")
+    return arr
 
 
 def check_array(
