@@ -77,16 +77,22 @@ class ChestCTCLIP(nn.Module):
         self, volumes: torch.Tensor | Sequence[str | Path], *, batch_size: int = 4, npz_key: str = "image"
     ) -> torch.Tensor:
         """(N, embed_dim) L2-normalised embeddings of (N, C, D, H, W) volumes in [0, 1], or of NPZ files (read and
-        checked as training reads them)."""
-        if not isinstance(volumes, torch.Tensor):
-            from .volume_io import load_volume
+        checked as training reads them, one batch at a time: a long list never sits in memory whole)."""
+        from .volume_io import load_volume
 
-            channels = self.image_encoder.backbone.in_channels
-            volumes = torch.stack([torch.from_numpy(load_volume(p, npz_key, channels)) for p in volumes])
+        channels = self.image_encoder.backbone.in_channels
+
+        def batch(i: int) -> torch.Tensor:
+            if isinstance(volumes, torch.Tensor):
+                return volumes[i : i + batch_size]
+            return torch.stack(
+                [torch.from_numpy(load_volume(p, npz_key, channels)) for p in volumes[i : i + batch_size]]
+            )
+
         was_training = self.training
         self.eval()
         try:
-            out = [self.encode_image(volumes[i : i + batch_size].to(self._device(), torch.float32)).float().cpu()
+            out = [self.encode_image(batch(i).to(self._device(), torch.float32)).float().cpu()
                    for i in range(0, len(volumes), batch_size)]  # fmt: skip
         finally:
             self.train(was_training)
